@@ -1,0 +1,1 @@
+"""Op benchmarks: python -m benchmarks.run; README tables: python -m benchmarks.report."""

@@ -1,0 +1,214 @@
+"""Which implementation of an op runs: the backend table and its resolution.
+
+Backends:
+
+* ``"reference"`` — plain PyTorch (:mod:`kdops.reference`), every device and dtype. It is the
+  specification the others are tested against.
+* ``"cpu"`` — the C++ CPU kernels of ``kdops._C``.
+* ``"cuda"`` — the CUDA kernels of ``kdops._C``.
+* ``"triton"`` — the Triton kernels (:mod:`kdops.triton`): CUDA tensors, or CPU tensors when
+  ``TRITON_INTERPRET=1`` was set before triton was imported (tests only).
+* ``"auto"`` — per op and device, the fastest backend that is available: on CUDA tensors the
+  op's ``cuda_order`` (decided by the benchmarks), on CPU tensors ``"cpu"``; the reference
+  when none of those can run the call (an op without a fused kernel, or float64 on a GPU).
+
+``KDOPS_BACKEND`` sets the default for calls that pass ``backend=None``. A backend named
+explicitly that cannot run the call raises :class:`BackendUnavailableError` saying why:
+kdops never falls back silently from a backend the user asked for.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+from kdops import _extension
+
+BACKENDS = ("reference", "triton", "cuda", "cpu")
+BACKEND_ENV_VAR = "KDOPS_BACKEND"
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Dtypes each backend's kernels are written for; the reference takes any floating dtype.
+BACKEND_DTYPES = {
+    "triton": _FUSED_DTYPES,
+    "cuda": _FUSED_DTYPES,
+    "cpu": _FUSED_DTYPES + (torch.float64,),  # float64 for gradcheck of the C++ kernels
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly named backend cannot run this call (not built, wrong device or dtype)."""
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """Where each backend's implementation of one op lives.
+
+    Implementations are ``"module:function"`` paths imported on first use (importing triton
+    costs seconds); ``None`` means the backend does not implement the op. The function takes
+    the op's arguments positionally, already validated by the public API.
+    """
+
+    name: str
+    reference: str
+    cpu: str | None = None
+    cuda: str | None = None
+    triton: str | None = None
+    # Order "auto" tries on CUDA tensors; set from benchmarks/results (fastest first).
+    cuda_order: tuple[str, ...] = ("triton", "cuda")
+
+    def implementation_path(self, backend: str) -> str | None:
+        return getattr(self, backend)
+
+
+def _ref(module: str, fn: str) -> str:
+    return f"kdops.reference.{module}:{fn}"
+
+
+OPS: dict[str, OpSpec] = {
+    spec.name: spec
+    for spec in (
+        OpSpec(
+            "channel_kl",
+            _ref("softmax_kl", "channel_kl"),
+            cpu="kdops.ops.softmax_kl:_channel_kl_extension",
+            cuda="kdops.ops.softmax_kl:_channel_kl_extension",
+            triton="kdops.triton.softmax_kl:channel_kl",
+        ),
+        OpSpec(
+            "pixel_kl",
+            _ref("softmax_kl", "pixel_kl"),
+            cpu="kdops.ops.softmax_kl:_pixel_kl_extension",
+            cuda="kdops.ops.softmax_kl:_pixel_kl_extension",
+            triton="kdops.triton.softmax_kl:pixel_kl",
+        ),
+        OpSpec("attention_map", _ref("attention", "attention_map")),
+        OpSpec("attention_loss", _ref("attention", "attention_loss")),
+        OpSpec("class_attention_map", _ref("attention", "class_attention_map")),
+        OpSpec("class_attention_loss", _ref("attention", "class_attention_loss")),
+        OpSpec("prototype_pool", _ref("prototypes", "prototype_pool")),
+        OpSpec("prototype_kl", _ref("prototypes", "prototype_kl")),
+        OpSpec("class_variation_loss", _ref("prototypes", "class_variation_loss")),
+        OpSpec("channel_correlation", _ref("correlation", "channel_correlation")),
+        OpSpec("channel_correlation_loss", _ref("correlation", "channel_correlation_loss")),
+        OpSpec("pairwise_affinity_loss", _ref("correlation", "pairwise_affinity_loss")),
+    )
+}
+
+
+def default_backend() -> str:
+    """The backend used when a call passes ``backend=None``: ``$KDOPS_BACKEND`` or "auto"."""
+    name = os.environ.get(BACKEND_ENV_VAR, "auto")
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(
+            f"{BACKEND_ENV_VAR}={name!r} is not a backend; choose one of {('auto',) + BACKENDS}"
+        )
+    return name
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(op: str, backend: str, device_type: str, dtype: torch.dtype) -> str | None:
+    """Why ``backend`` cannot run ``op`` on tensors of this device type and dtype, else None."""
+    spec = OPS[op]
+    if backend == "reference":
+        return None
+    if spec.implementation_path(backend) is None:
+        return f"the {backend} backend does not implement {op}"
+    if dtype not in BACKEND_DTYPES[backend]:
+        names = ", ".join(str(d).removeprefix("torch.") for d in BACKEND_DTYPES[backend])
+        return f"the {backend} kernels take {names}, not {str(dtype).removeprefix('torch.')}"
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if device_type == "cpu" and not triton_interpreting():
+            return "Triton kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1)"
+        if device_type not in ("cpu", "cuda"):
+            return f"Triton kernels do not run on {device_type} tensors"
+        return None
+    # The C++ extension: one torch op per kdops op, dispatched on the tensors' device.
+    wanted_device = backend  # the "cpu" backend serves CPU tensors, "cuda" CUDA tensors
+    if device_type != wanted_device:
+        return f"the {backend} backend runs on {wanted_device} tensors, not {device_type}"
+    if not _extension.loaded():
+        return f"kdops._C is not built ({_extension.load_error()})"
+    if backend == "cuda" and not _extension.built_with_cuda():
+        return "kdops._C was built without its CUDA kernels (no CUDA torch or nvcc at build time)"
+    if not _extension.has_kernel(op, backend.upper()):
+        return f"kdops._C has no {backend.upper()} kernel for kdops::{op}"
+    return None
+
+
+def _auto_order(op: str, device_type: str) -> tuple[str, ...]:
+    if device_type == "cuda":
+        return OPS[op].cuda_order + ("reference",)
+    if device_type == "cpu":
+        return ("cpu", "reference")
+    return ("reference",)
+
+
+def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs ``op`` for tensors on ``device`` with ``dtype``.
+
+    Raises ``ValueError`` for an unknown name and :class:`BackendUnavailableError` when a
+    named backend cannot run the call.
+    """
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; kdops has {sorted(OPS)}")
+    name = default_backend() if backend is None else backend
+    if name == "auto":
+        for candidate in _auto_order(op, device.type):
+            if unavailable_reason(op, candidate, device.type, dtype) is None:
+                return candidate
+        raise AssertionError("the reference backend is always available")  # pragma: no cover
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is not a backend; choose one of {('auto',) + BACKENDS}")
+    reason = unavailable_reason(op, name, device.type, dtype)
+    if reason is not None:
+        raise BackendUnavailableError(
+            f"backend={name!r} cannot run kdops.{op} on {device.type} {dtype} tensors: {reason}"
+        )
+    return name
+
+
+_IMPLEMENTATIONS: dict[tuple[str, str], object] = {}
+
+
+def implementation(op: str, backend: str):
+    """The function implementing ``op`` on ``backend`` (imported on first use)."""
+    key = (op, backend)
+    fn = _IMPLEMENTATIONS.get(key)
+    if fn is None:
+        path = OPS[op].implementation_path(backend)
+        if path is None:
+            raise BackendUnavailableError(f"the {backend} backend does not implement {op}")
+        module, _, attr = path.partition(":")
+        fn = getattr(importlib.import_module(module), attr)
+        _IMPLEMENTATIONS[key] = fn
+    return fn
+
+
+def dispatch(op: str, backend: str | None, like: torch.Tensor):
+    """Resolve the backend for tensors like ``like`` and return its implementation."""
+    return implementation(op, resolve(op, backend, like.device, like.dtype))
+
+
+def status(op: str, backend: str) -> str:
+    """A device-independent word for the info table: implemented and built, or why not."""
+    spec = OPS[op]
+    if backend == "reference":
+        return "yes"
+    if spec.implementation_path(backend) is None:
+        return "not implemented"
+    if backend == "triton":
+        return "yes" if importlib.util.find_spec("triton") is not None else "no triton"
+    if not _extension.loaded():
+        return "not built"
+    if backend == "cuda" and not _extension.built_with_cuda():
+        return "not built"
+    return "yes" if _extension.has_kernel(op, backend.upper()) else "not built"

@@ -1,0 +1,173 @@
+"""Attention-map losses: AT, SAD / MAD, LGAD and CAMD."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+import kdops
+from kdops import _checks
+from kdops.losses._common import like, weight_arg
+
+SAD_PAIRS = ("consecutive", "all")
+
+
+def _as_list(name: str, x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)) and x and all(isinstance(v, torch.Tensor) for v in x):
+        return list(x)
+    raise TypeError(f"{name} must be a tensor or a non-empty sequence of tensors, got {type(x).__name__}")
+
+
+def _pairs(name_s: str, student, name_t: str, teacher) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    student, teacher = _as_list(name_s, student), _as_list(name_t, teacher)
+    if len(student) != len(teacher):
+        raise ValueError(f"{name_s} and {name_t} must hold as many features, got {len(student)} and {len(teacher)}")
+    return list(zip(student, teacher))
+
+
+class AttentionTransfer(nn.Module):
+    """Attention transfer (Zagoruyko & Komodakis, code form): ``loss_weight`` · Σ over feature
+    pairs of mean over N·H·W of (A_s − A_t)², A = l2-normalised mean over channels of |x|^p.
+
+    Equals CIRKD ``CriterionAT()`` for one pair (and the paper code's ``at_loss`` summed over
+    groups for several). Channels may differ; a teacher map of another H, W is resized to the
+    student's before normalisation.
+
+    forward(student, teacher): each (N, C, H, W) or a sequence of them → scalar.
+    """
+
+    def __init__(self, p: float = 2.0, loss_weight: float = 1.0, *, backend: str | None = None):
+        super().__init__()
+        self.p = _checks.positive_finite("p", p)
+        self.loss_weight = weight_arg("loss_weight", loss_weight)
+        self.backend = backend
+
+    def forward(self, student, teacher) -> torch.Tensor:
+        total = 0.0
+        for s, t in _pairs("student", student, "teacher", teacher):
+            total = total + kdops.attention_loss(s, like(t, s), self.p, "mean", "l2", backend=self.backend)
+        return self.loss_weight * total
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, loss_weight={self.loss_weight}"
+
+
+class SelfAttentionDistillation(nn.Module):
+    """Self attention distillation within one network (SAD; MAD with ``pairs="all"``).
+
+    ``loss_weight`` · Σ over stage pairs (i shallower than j) of mean over N·H_i·W_i of
+    (A_i − A_j)², A = spatial softmax of Σ_c x_c², the deeper map bilinearly resized to the
+    shallower's size (as ENet-SAD's ``at_gen``: sum of squares, upsample, softmax, MSE).
+    ``pairs="consecutive"`` (SAD): j = i + 1; ``"all"`` (MAD, multi-level): every i < j, so
+    each stage learns from all deeper ones. ``detach_target=True`` stops the gradient into the
+    deeper stage (SAD lets it flow: both maps belong to the network being trained).
+
+    forward(features): a sequence of (N, C_i, H_i, W_i), shallow to deep, at least two → scalar.
+    """
+
+    def __init__(self, p: float = 2.0, loss_weight: float = 1.0, pairs: str = "consecutive",
+                 detach_target: bool = False, *, backend: str | None = None):
+        super().__init__()
+        self.p = _checks.positive_finite("p", p)
+        self.loss_weight = weight_arg("loss_weight", loss_weight)
+        _checks.choice("pairs", pairs, SAD_PAIRS)
+        self.pairs = pairs
+        self.detach_target = bool(detach_target)
+        self.backend = backend
+
+    def stage_pairs(self, num_stages: int) -> list[tuple[int, int]]:
+        if self.pairs == "consecutive":
+            return [(i, i + 1) for i in range(num_stages - 1)]
+        return [(i, j) for i in range(num_stages) for j in range(i + 1, num_stages)]
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        features = _as_list("features", features)
+        if len(features) < 2:
+            raise ValueError(f"features must hold at least two stages, got {len(features)}")
+        total = 0.0
+        for i, j in self.stage_pairs(len(features)):
+            target = features[j].detach() if self.detach_target else features[j]
+            total = total + kdops.attention_loss(features[i], like(target, features[i]), self.p,
+                                                 "sum", "softmax", backend=self.backend)
+        return self.loss_weight * total
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, loss_weight={self.loss_weight}, pairs={self.pairs!r}"
+
+
+class LabelGuidedAttention(nn.Module):
+    """Label-guided attention distillation (LGAD): the stage attention maps of a teacher that
+    reads the label map supervise the student's stages.
+
+    ``loss_weight`` · Σ over stage pairs of mean over N·H_s·W_s of (A_s − A_t)², A = spatial
+    softmax of Σ_c x_c², the teacher's map bilinearly resized to the student's stage size.
+
+    forward(student, teacher): each a (N, C, H, W) or a sequence of them, paired in order → scalar.
+    """
+
+    def __init__(self, p: float = 2.0, loss_weight: float = 1.0, *, backend: str | None = None):
+        super().__init__()
+        self.p = _checks.positive_finite("p", p)
+        self.loss_weight = weight_arg("loss_weight", loss_weight)
+        self.backend = backend
+
+    def forward(self, student, teacher) -> torch.Tensor:
+        total = 0.0
+        for s, t in _pairs("student", student, "teacher", teacher):
+            total = total + kdops.attention_loss(s, like(t, s), self.p, "sum", "softmax", backend=self.backend)
+        return self.loss_weight * total
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, loss_weight={self.loss_weight}"
+
+
+class ClassAttentionDistillation(nn.Module):
+    """Class attention map distillation (CAMD): ``loss_weight`` · mean over N·K·H·W of
+    (M_s − M_t)², M[n, k] = per-map-normalised ReLU(Σ_c w[k, c] · x[n, c] + b[k]).
+
+    Class weights come either from the caller (a 1×1 classifier acting on the feature, e.g.
+    ``model.classifier.weight``: Grad-CAM of the summed class score) or, when not given, from
+    the batch's class prototypes ``prototype_pool(x, labels, num_classes, per_image=False)``
+    (the mean feature of each class's pixels), which suits intermediate layers of any width.
+
+    forward(student (N, C_s, H, W), teacher (N, C_t, H, W), labels (N, H_l, W_l) or None,
+    student_weight (K, C_s) or None, teacher_weight (K, C_t) or None, biases (K,) or None)
+    → scalar.
+    """
+
+    def __init__(self, num_classes: int | None = None, norm: str = "l2", loss_weight: float = 1.0,
+                 ignore_index: int = 255, *, backend: str | None = None):
+        super().__init__()
+        self.num_classes = None if num_classes is None else _checks.integer("num_classes", num_classes, minimum=1)
+        self.norm = norm
+        self.loss_weight = weight_arg("loss_weight", loss_weight)
+        self.ignore_index = _checks.integer("ignore_index", ignore_index)
+        self.backend = backend
+
+    def _prototype_weight(self, name: str, x: torch.Tensor, labels) -> torch.Tensor:
+        if labels is None or self.num_classes is None:
+            raise ValueError(
+                f"{name} is None: pass class weights, or build the loss with num_classes and "
+                "pass labels to take them from the class prototypes"
+            )
+        protos, _ = kdops.prototype_pool(x, labels, self.num_classes, self.ignore_index,
+                                         per_image=False, backend=self.backend)
+        return protos
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None,
+                student_weight: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
+                student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None) -> torch.Tensor:
+        teacher = like(teacher, student)
+        if student_weight is None:
+            student_weight = self._prototype_weight("student_weight", student, labels)
+        if teacher_weight is None:
+            teacher_weight = self._prototype_weight("teacher_weight", teacher, labels)
+        loss = kdops.class_attention_loss(student, teacher, student_weight, teacher_weight,
+                                          student_bias, teacher_bias, self.norm, backend=self.backend)
+        return self.loss_weight * loss
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, norm={self.norm!r}, loss_weight={self.loss_weight}"

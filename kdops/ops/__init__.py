@@ -1,0 +1,1 @@
+"""Public ops: argument checks and backend dispatch, one module per op family."""

@@ -1,0 +1,177 @@
+"""Softmax-normalised KL: ``channel_kl`` (CWD) and ``pixel_kl`` (pixel-wise KD).
+
+Public API: argument checks, then the backend chosen by :mod:`kdops.backend`.
+Math: :mod:`kdops.reference.softmax_kl`.
+"""
+from __future__ import annotations
+
+import torch
+
+from kdops import _checks, _extension, backend as _backend
+
+
+def _check_pair(student, teacher) -> None:
+    _checks.tensor("student", student, min_dim=3)
+    _checks.tensor("teacher", teacher, min_dim=3)
+    _checks.same_shape("student", student, "teacher", teacher)
+    _checks.same_dtype_and_device("student", student, "teacher", teacher)
+
+
+def channel_kl(
+    student: torch.Tensor, teacher: torch.Tensor, tau: float = 1.0, *, backend: str | None = None
+) -> torch.Tensor:
+    """Channel-wise distillation (CWD): τ² · Σ_{n,c} KL(softmax_L(t/τ) ‖ softmax_L(s/τ)) / (N·C).
+
+    student, teacher: (N, C, *spatial) of one dtype; returns a float32 scalar (float64 for
+    float64 inputs). Equals mmrazor ``ChannelWiseDivergence(tau, loss_weight=1)`` and
+    CIRKD ``CriterionCWD('channel', 'kl', tau)``.
+    """
+    _check_pair(student, teacher)
+    tau = _checks.positive_finite("tau", tau)
+    return _backend.dispatch("channel_kl", backend, student)(student, teacher, tau)
+
+
+def pixel_kl(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    tau: float = 1.0,
+    target: torch.Tensor | None = None,
+    ignore_index: int = 255,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Pixel-wise KD: τ² · mean over valid pixels of KL(softmax_C(t/τ) ‖ softmax_C(s/τ)).
+
+    student, teacher: (N, C, *spatial) logits; target: (N, *spatial) integer labels, pixels
+    equal to ``ignore_index`` excluded (all pixels when None). Returns a float32 scalar;
+    0 when no pixel is valid. Equals CIRKD ``CriterionKD(temperature=tau)``.
+    """
+    _check_pair(student, teacher)
+    tau = _checks.positive_finite("tau", tau)
+    ignore_index = _checks.integer("ignore_index", ignore_index)
+    if target is not None:
+        _checks.labels(
+            "target", target, batch=student.shape[0], num_classes=None,
+            ignore_index=ignore_index, spatial=student.shape[2:],
+        )
+        if target.device != student.device:
+            raise ValueError(f"target must be on the device of student ({student.device}), got {target.device}")
+    return _backend.dispatch("pixel_kl", backend, student)(student, teacher, tau, target, ignore_index)
+
+
+# ---------------------------------------------------------------------------------------------
+# The C++ extension (backends "cpu" and "cuda"): the kdops:: ops of csrc/kdops.cpp, made
+# differentiable here. Forward ops save only their inputs and O(rows) statistics: channel_kl its
+# row_stats (N·C, 3), pixel_kl the 0-dim count of valid pixels (its backward recomputes each
+# pixel's softmaxes from the inputs).
+
+
+def _channel_kl_extension(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    loss, _ = torch.ops.kdops.channel_kl(student, teacher, tau)
+    return loss
+
+
+def _pixel_kl_extension(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    tau: float,
+    target: torch.Tensor | None,
+    ignore_index: int,
+) -> torch.Tensor:
+    loss, _ = torch.ops.kdops.pixel_kl(student, teacher, target, ignore_index, tau)
+    return loss
+
+
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _fake_grads(student, teacher, student_requires_grad, teacher_requires_grad):
+    """What the backward ops return: empty_like of each input, or an empty tensor when not requested."""
+    none = student.new_empty((0,))
+    return (
+        torch.empty_like(student) if student_requires_grad else none,
+        torch.empty_like(teacher) if teacher_requires_grad else none,
+    )
+
+
+def _channel_kl_fake(student, teacher, tau):
+    rows = student.shape[0] * student.shape[1]
+    dtype = _stats_dtype(student)
+    return student.new_empty((), dtype=dtype), student.new_empty((rows, 3), dtype=dtype)
+
+
+def _channel_kl_backward_fake(
+    grad_loss, student, teacher, row_stats, tau, student_requires_grad, teacher_requires_grad
+):
+    return _fake_grads(student, teacher, student_requires_grad, teacher_requires_grad)
+
+
+def _pixel_kl_fake(student, teacher, target, ignore_index, tau):
+    return (
+        student.new_empty((), dtype=_stats_dtype(student)),
+        student.new_empty((), dtype=torch.int64),
+    )
+
+
+def _pixel_kl_backward_fake(
+    grad_loss, student, teacher, target, num_valid, ignore_index, tau,
+    student_requires_grad, teacher_requires_grad,
+):
+    return _fake_grads(student, teacher, student_requires_grad, teacher_requires_grad)
+
+
+def _channel_kl_setup_context(ctx, inputs, output):
+    student, teacher, tau = inputs
+    _, row_stats = output
+    ctx.save_for_backward(student, teacher, row_stats)
+    ctx.tau = tau
+    ctx.mark_non_differentiable(row_stats)
+
+
+def _channel_kl_backward(ctx, grad_loss, _grad_row_stats):
+    student, teacher, row_stats = ctx.saved_tensors
+    needs_student, needs_teacher = ctx.needs_input_grad[:2]
+    grad_student, grad_teacher = torch.ops.kdops.channel_kl_backward(
+        grad_loss, student, teacher, row_stats, ctx.tau, needs_student, needs_teacher
+    )
+    return (grad_student if needs_student else None, grad_teacher if needs_teacher else None, None)
+
+
+def _pixel_kl_setup_context(ctx, inputs, output):
+    student, teacher, target, ignore_index, tau = inputs
+    _, num_valid = output
+    ctx.save_for_backward(student, teacher, target, num_valid)
+    ctx.ignore_index = ignore_index
+    ctx.tau = tau
+
+
+def _pixel_kl_backward(ctx, grad_loss, _grad_num_valid):
+    student, teacher, target, num_valid = ctx.saved_tensors
+    needs_student, needs_teacher = ctx.needs_input_grad[:2]
+    grad_student, grad_teacher = torch.ops.kdops.pixel_kl_backward(
+        grad_loss, student, teacher, target, num_valid, ctx.ignore_index, ctx.tau,
+        needs_student, needs_teacher,
+    )
+    return (
+        grad_student if needs_student else None,
+        grad_teacher if needs_teacher else None,
+        None, None, None,
+    )
+
+
+def _register_extension_ops() -> None:
+    torch.library.register_fake("kdops::channel_kl", _channel_kl_fake)
+    torch.library.register_fake("kdops::channel_kl_backward", _channel_kl_backward_fake)
+    torch.library.register_fake("kdops::pixel_kl", _pixel_kl_fake)
+    torch.library.register_fake("kdops::pixel_kl_backward", _pixel_kl_backward_fake)
+    torch.library.register_autograd(
+        "kdops::channel_kl", _channel_kl_backward, setup_context=_channel_kl_setup_context
+    )
+    torch.library.register_autograd(
+        "kdops::pixel_kl", _pixel_kl_backward, setup_context=_pixel_kl_setup_context
+    )
+
+
+if _extension.loaded():
+    _register_extension_ops()

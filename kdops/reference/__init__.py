@@ -1,0 +1,1 @@
+"""Plain-PyTorch implementation of every kdops op: the specification the kernels match."""

@@ -1,0 +1,1 @@
+"""Triton kernels of kdops (imported lazily by kdops.backend)."""

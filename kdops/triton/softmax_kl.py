@@ -1,0 +1,833 @@
+"""Triton kernels of the softmax-normalised KL losses: ``channel_kl`` (CWD) and ``pixel_kl`` (KD).
+
+Math (specification: :mod:`kdops.reference.softmax_kl`). A *row* is the vector a softmax runs
+over: the L positions of one (n, c) for ``channel_kl``, the C channels of one pixel for
+``pixel_kl``. With s' = s/τ, t' = t/τ, q = softmax(s'), p = softmax(t'):
+
+    KL(p‖q) = Σ p (t' − s') − (lse(t') − lse(s'))
+            = A / Σ exp(t' − m_t) − (lse(t') − lse(s')),   A = Σ exp(t' − m_t) (t' − s'),
+
+so the running (max m, Σ exp(x − m)) of s' and of t' and the cross term A, all merged online,
+give the KL of a row from ONE read of s and t. Backward, with the row's lse and KL:
+
+    ∂KL/∂s' = q − p,        ∂KL/∂t' = p (log p − log q − KL).
+
+Kernels work in base 2 (x·log2(e)/τ, exp2, log2: the hardware's native exponent); every
+statistic that leaves a kernel is in natural units. Accumulation is float32 whatever the input
+dtype; offsets are int64 so tensors over 2^31 elements work.
+
+File layout: jit helpers → kernels → launchers (launch heuristics, buffers) → the
+``kdops_triton::`` ops (``custom_op``, fake kernels, autograd) → the backend entry points
+:func:`channel_kl` and :func:`pixel_kl` that :mod:`kdops.backend` calls.
+
+Why ``torch.library.custom_op`` and not ``triton_op``: under ``TRITON_INTERPRET=1``,
+``wrap_triton`` hands back the interpreted kernel untouched, so ``triton_op``'s functional
+decomposition (AOTAutograd: ``opcheck``'s aot_dispatch tests, ``torch.compile``) launches it on
+fake tensors and fails; and ``triton_op`` infers its schema from annotations (``int`` becomes
+``SymInt``, returns are unnamed) where these ops must share the C++ ops' schemas.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_LN2 = tl.constexpr(LN2)
+_LOG2E = tl.constexpr(LOG2E)
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Test hooks. With _POISON_OUTPUTS every buffer a launcher allocates starts as NaN (integers:
+# their minimum), so a test proves that every element is written. _LAUNCH_OVERRIDES replaces
+# launch heuristics (keys: "channel_block_r", "channel_block_l", "channel_splits",
+# "pixel_block_p", "pixel_block_c") so small test inputs cross blocks, chunks and splits.
+_POISON_OUTPUTS = False
+_LAUNCH_OVERRIDES: dict[str, int] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# jit helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rescale(m, m_new):
+    """exp2(m − m_new): the factor that moves a Σexp2(· − m) to the larger max m_new.
+
+    Exactly 1 where m == m_new, which also keeps an empty state (m = −inf, sum 0) empty
+    instead of turning it into NaN when m_new is −inf too.
+    """
+    return tl.where(m == m_new, 1.0, tl.exp2(m - m_new))
+
+
+@triton.jit
+def _online_add(m, total, x, mask):
+    """Add x to per-lane running (max m, total = Σ exp2(· − m)) with one exp2 per element.
+
+    e = exp2(−|x − m|) is either the new term (x ≤ m) or the factor rescaling the old total
+    (x > m, then the new term is 1). Lanes where mask is false keep their state. Returns the
+    new (m, total) and (e, grow) for a term that rides on the same max (the cross term A).
+    """
+    delta = x - m
+    e = tl.exp2(-tl.abs(delta))
+    grow = mask & (delta > 0)
+    total = tl.where(grow, total * e + 1.0, tl.where(mask, total + e, total))
+    m = tl.where(grow, x, m)
+    return m, total, e, grow
+
+
+@triton.jit
+def _kl_from_stats(m_s, sum_s, m_t, sum_t, cross):
+    """(lse2_s, lse2_t, kl) of rows from their merged statistics (base-2 units: KL = ln2·kl)."""
+    lse2_s = m_s + tl.log2(sum_s)
+    lse2_t = m_t + tl.log2(sum_t)
+    return lse2_s, lse2_t, cross / sum_t - lse2_t + lse2_s
+
+
+@triton.jit
+def _kl_grads(s2, t2, lse2_s, lse2_t, kl, coef):
+    """coef·∂KL/∂s' and coef·∂KL/∂t' from base-2 logits, base-2 lse and the natural-unit KL.
+
+    ∂KL/∂s' = q − p,  ∂KL/∂t' = p (log p − log q − KL),  log p − log q = ln2·((t2 − s2) −
+    (lse2_t − lse2_s)). A result the caller does not store is removed by the compiler.
+    """
+    q = tl.exp2(s2 - lse2_s)
+    p = tl.exp2(t2 - lse2_t)
+    log_ratio = ((t2 - s2) - (lse2_t - lse2_s)) * _LN2
+    return coef * (q - p), coef * p * (log_ratio - kl)
+
+
+@triton.jit
+def _load_pixel_chunk(
+    s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, c0, C, log2e_over_tau,
+    BLOCK_C: tl.constexpr,
+):
+    """Channels [c0, c0 + BLOCK_C) of a tile of pixels (offsets s_pixels, t_pixels, all in
+    range), as base-2 logits [BLOCK_P, BLOCK_C], 0 past C; and those channels and their mask."""
+    channels = c0 + tl.arange(0, BLOCK_C)
+    channel_mask = channels < C
+    mask = tl.broadcast_to(channel_mask[None, :], [s_pixels.shape[0], BLOCK_C])
+    channels = channels.to(tl.int64)
+    s2 = tl.load(s_ptr + s_pixels[:, None] + channels[None, :] * s_stride_c, mask=mask, other=0.0)
+    t2 = tl.load(t_ptr + t_pixels[:, None] + channels[None, :] * t_stride_c, mask=mask, other=0.0)
+    s2 = s2.to(tl.float32) * log2e_over_tau
+    t2 = t2.to(tl.float32) * log2e_over_tau
+    return s2, t2, channels, channel_mask
+
+
+@triton.jit
+def _pixel_chunk_stats(s2, t2, channel_mask):
+    """Per pixel of a chunk: (max, Σexp2(· − max)) of s2 and of t2, and Σ exp2(t2 − max_t)(t2 − s2).
+
+    Channels past C hold 0 in s2 and t2 (a finite cross term) and count as −inf in the max
+    and sums; every chunk has at least one channel below C.
+    """
+    s_in = tl.where(channel_mask[None, :], s2, float("-inf"))
+    t_in = tl.where(channel_mask[None, :], t2, float("-inf"))
+    m_s = tl.max(s_in, 1)
+    m_t = tl.max(t_in, 1)
+    sum_s = tl.sum(tl.exp2(s_in - m_s[:, None]), 1)
+    e_t = tl.exp2(t_in - m_t[:, None])
+    return m_s, sum_s, m_t, tl.sum(e_t, 1), tl.sum(e_t * (t2 - s2), 1)
+
+
+@triton.jit
+def _pixel_stats(
+    s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, C, log2e_over_tau,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Per pixel of a tile: the merged statistics over all C channels, BLOCK_C at a time."""
+    m_s = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    m_t = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    sum_s = tl.zeros([BLOCK_P], tl.float32)
+    sum_t = tl.zeros([BLOCK_P], tl.float32)
+    cross = tl.zeros([BLOCK_P], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        s2, t2, _, channel_mask = _load_pixel_chunk(
+            s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, c0, C, log2e_over_tau,
+            BLOCK_C,
+        )
+        cm_s, csum_s, cm_t, csum_t, ccross = _pixel_chunk_stats(s2, t2, channel_mask)
+        new_m_s = tl.maximum(m_s, cm_s)
+        sum_s = sum_s * _rescale(m_s, new_m_s) + csum_s * _rescale(cm_s, new_m_s)
+        m_s = new_m_s
+        new_m_t = tl.maximum(m_t, cm_t)
+        old_factor = _rescale(m_t, new_m_t)
+        chunk_factor = _rescale(cm_t, new_m_t)
+        sum_t = sum_t * old_factor + csum_t * chunk_factor
+        cross = cross * old_factor + ccross * chunk_factor
+        m_t = new_m_t
+    return m_s, sum_s, m_t, sum_t, cross
+
+
+@triton.jit
+def _valid_pixels(target_ptr, target_offsets, pixel_mask, ignore_index, HAS_TARGET: tl.constexpr):
+    """Pixels of the tile that count: in range, and with a label ≠ ignore_index if there is a target."""
+    if HAS_TARGET:
+        labels = tl.load(target_ptr + target_offsets)
+        return pixel_mask & (labels.to(tl.int64) != ignore_index)
+    else:
+        return pixel_mask
+
+
+@triton.jit
+def _store_pixel_grads(
+    grad_s_ptr, grad_t_ptr, gs_pixels, gt_pixels, gs_stride_c, gt_stride_c, channels, mask,
+    s2, t2, lse2_s, lse2_t, kl, coef,
+    STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+):
+    """Per-pixel lse2_s, lse2_t, kl, coef [BLOCK_P]; a chunk's s2, t2 and channels; mask: the
+    elements to write."""
+    grad_s, grad_t = _kl_grads(s2, t2, lse2_s[:, None], lse2_t[:, None], kl[:, None], coef[:, None])
+    if STUDENT_GRAD:
+        offsets = gs_pixels[:, None] + channels[None, :] * gs_stride_c
+        tl.store(grad_s_ptr + offsets, grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
+    if TEACHER_GRAD:
+        offsets = gt_pixels[:, None] + channels[None, :] * gt_stride_c
+        tl.store(grad_t_ptr + offsets, grad_t.to(grad_t_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _channel_kl_partials_kernel(
+    s_ptr, t_ptr, partials_ptr,
+    C, L, num_rows, num_c_tiles, splits, blocks_per_split,
+    s_stride_n, s_stride_c, s_stride_l, t_stride_n, t_stride_c, t_stride_l,
+    log2e_over_tau,
+    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """channel_kl forward, step 1: statistics of one split of BLOCK_R rows (channels of one image).
+
+    Program pid = row_tile·splits + split reads positions [split·blocks_per_split·BLOCK_L, …)
+    of its rows once, keeping per lane the running (max, Σexp2) of s2 and of t2 and the cross
+    term, and writes per row the partial (m_s, sum_s, m_t, sum_t, cross) to
+    partials (5, num_rows, splits).
+    """
+    pid = tl.program_id(0)
+    split = pid % splits
+    row_tile = pid // splits
+    n = (row_tile // num_c_tiles).to(tl.int64)
+    channels = (row_tile % num_c_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = channels < C
+    # Rows past C (a channels-last tile's tail) re-read channel C − 1: finite statistics that
+    # are never stored, and addresses the warp's other lanes already load.
+    channels = tl.minimum(channels, C - 1).to(tl.int64)
+    s_rows = n * s_stride_n + channels * s_stride_c
+    t_rows = n * t_stride_n + channels * t_stride_c
+
+    m_s = tl.full([BLOCK_R, BLOCK_L], float("-inf"), tl.float32)
+    m_t = tl.full([BLOCK_R, BLOCK_L], float("-inf"), tl.float32)
+    sum_s = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
+    sum_t = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
+    cross = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
+    first_block = split * blocks_per_split
+    end_block = tl.minimum(first_block + blocks_per_split, tl.cdiv(L, BLOCK_L))
+    for block in range(first_block, end_block):
+        positions = block * BLOCK_L + tl.arange(0, BLOCK_L)
+        mask = tl.broadcast_to((positions < L)[None, :], [BLOCK_R, BLOCK_L])
+        positions = positions.to(tl.int64)
+        s2 = tl.load(s_ptr + s_rows[:, None] + positions[None, :] * s_stride_l, mask=mask, other=0.0)
+        t2 = tl.load(t_ptr + t_rows[:, None] + positions[None, :] * t_stride_l, mask=mask, other=0.0)
+        s2 = s2.to(tl.float32) * log2e_over_tau
+        t2 = t2.to(tl.float32) * log2e_over_tau
+        m_s, sum_s, _, _ = _online_add(m_s, sum_s, s2, mask)
+        m_t, sum_t, e_t, grow_t = _online_add(m_t, sum_t, t2, mask)
+        diff = t2 - s2
+        cross = tl.where(grow_t, cross * e_t + diff, tl.where(mask, cross + e_t * diff, cross))
+
+    row_m_s = tl.max(m_s, 1)
+    row_m_t = tl.max(m_t, 1)
+    row_sum_s = tl.sum(sum_s * _rescale(m_s, row_m_s[:, None]), 1)
+    factor_t = _rescale(m_t, row_m_t[:, None])
+    row_sum_t = tl.sum(sum_t * factor_t, 1)
+    row_cross = tl.sum(cross * factor_t, 1)
+
+    rows = n * C + channels
+    out = partials_ptr + rows * splits + split
+    stat_stride = num_rows.to(tl.int64) * splits
+    tl.store(out, row_m_s, mask=row_mask)
+    tl.store(out + stat_stride, row_sum_s, mask=row_mask)
+    tl.store(out + 2 * stat_stride, row_m_t, mask=row_mask)
+    tl.store(out + 3 * stat_stride, row_sum_t, mask=row_mask)
+    tl.store(out + 4 * stat_stride, row_cross, mask=row_mask)
+
+
+@triton.jit
+def _channel_kl_merge_kernel(
+    partials_ptr, row_stats_ptr, num_rows, splits,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """channel_kl forward, step 2: merge each row's split partials into row_stats (rows, 3) =
+    [lse(s'), lse(t'), KL] in natural units; BLOCK_M rows per program."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < num_rows
+    # Rows past the end re-read the last row: finite, never stored.
+    rows = tl.minimum(rows, num_rows - 1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_S)
+    mask = tl.broadcast_to((cols < splits)[None, :], [BLOCK_M, BLOCK_S])
+    offsets = rows[:, None] * splits + cols[None, :]
+    stat_stride = num_rows.to(tl.int64) * splits
+    m_s = tl.load(partials_ptr + offsets, mask=mask, other=float("-inf"))
+    sum_s = tl.load(partials_ptr + stat_stride + offsets, mask=mask, other=0.0)
+    m_t = tl.load(partials_ptr + 2 * stat_stride + offsets, mask=mask, other=float("-inf"))
+    sum_t = tl.load(partials_ptr + 3 * stat_stride + offsets, mask=mask, other=0.0)
+    cross = tl.load(partials_ptr + 4 * stat_stride + offsets, mask=mask, other=0.0)
+
+    row_m_s = tl.max(m_s, 1)
+    row_m_t = tl.max(m_t, 1)
+    row_sum_s = tl.sum(sum_s * _rescale(m_s, row_m_s[:, None]), 1)
+    factor_t = _rescale(m_t, row_m_t[:, None])
+    row_sum_t = tl.sum(sum_t * factor_t, 1)
+    row_cross = tl.sum(cross * factor_t, 1)
+    lse2_s, lse2_t, kl2 = _kl_from_stats(row_m_s, row_sum_s, row_m_t, row_sum_t, row_cross)
+
+    out = row_stats_ptr + rows * 3
+    tl.store(out, lse2_s * _LN2, mask=row_mask)
+    tl.store(out + 1, lse2_t * _LN2, mask=row_mask)
+    tl.store(out + 2, kl2 * _LN2, mask=row_mask)
+
+
+@triton.jit
+def _channel_kl_backward_kernel(
+    grad_loss_ptr, s_ptr, t_ptr, row_stats_ptr, grad_s_ptr, grad_t_ptr,
+    C, L, num_c_tiles, splits, blocks_per_split,
+    s_stride_n, s_stride_c, s_stride_l, t_stride_n, t_stride_c, t_stride_l,
+    gs_stride_n, gs_stride_c, gs_stride_l, gt_stride_n, gt_stride_c, gt_stride_l,
+    log2e_over_tau, grad_scale,
+    BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+    STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+):
+    """channel_kl backward: grad_s = g·τ/(N·C)·(q − p), grad_t = g·τ/(N·C)·p(log p − log q − KL).
+
+    Elementwise given row_stats: the same (row tile, split) grid as the forward, one more read
+    of s and t, each requested gradient written once.
+    """
+    pid = tl.program_id(0)
+    split = pid % splits
+    row_tile = pid // splits
+    n = (row_tile // num_c_tiles).to(tl.int64)
+    channels = (row_tile % num_c_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = channels < C
+    channels = tl.minimum(channels, C - 1).to(tl.int64)  # as in the forward: never stored
+    stats = row_stats_ptr + (n * C + channels) * 3
+    lse2_s = (tl.load(stats) * _LOG2E)[:, None]
+    lse2_t = (tl.load(stats + 1) * _LOG2E)[:, None]
+    kl = tl.load(stats + 2)[:, None]
+    coef = tl.load(grad_loss_ptr).to(tl.float32) * grad_scale
+    s_rows = (n * s_stride_n + channels * s_stride_c)[:, None]
+    t_rows = (n * t_stride_n + channels * t_stride_c)[:, None]
+    gs_rows = (n * gs_stride_n + channels * gs_stride_c)[:, None]
+    gt_rows = (n * gt_stride_n + channels * gt_stride_c)[:, None]
+
+    first_block = split * blocks_per_split
+    end_block = tl.minimum(first_block + blocks_per_split, tl.cdiv(L, BLOCK_L))
+    for block in range(first_block, end_block):
+        positions = block * BLOCK_L + tl.arange(0, BLOCK_L)
+        in_row = (positions < L)[None, :]
+        mask = row_mask[:, None] & in_row
+        positions = positions.to(tl.int64)[None, :]
+        s2 = tl.load(s_ptr + s_rows + positions * s_stride_l, mask=in_row, other=0.0)
+        t2 = tl.load(t_ptr + t_rows + positions * t_stride_l, mask=in_row, other=0.0)
+        s2 = s2.to(tl.float32) * log2e_over_tau
+        t2 = t2.to(tl.float32) * log2e_over_tau
+        grad_s, grad_t = _kl_grads(s2, t2, lse2_s, lse2_t, kl, coef)
+        if STUDENT_GRAD:
+            tl.store(grad_s_ptr + gs_rows + positions * gs_stride_l,
+                     grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
+        if TEACHER_GRAD:
+            tl.store(grad_t_ptr + gt_rows + positions * gt_stride_l,
+                     grad_t.to(grad_t_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pixel_kl_forward_kernel(
+    s_ptr, t_ptr, target_ptr, kl_partials_ptr, count_partials_ptr,
+    C, L, num_p_tiles,
+    s_stride_n, s_stride_c, s_stride_l, t_stride_n, t_stride_c, t_stride_l,
+    target_stride_n, target_stride_l, ignore_index, log2e_over_tau,
+    HAS_TARGET: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """pixel_kl forward: program pid = n·num_p_tiles + tile takes BLOCK_P consecutive pixels of
+    image n × all C channels and writes Σ KL (natural units) and the count over its valid
+    pixels to kl_partials[pid] and count_partials[pid]."""
+    pid = tl.program_id(0)
+    n = (pid // num_p_tiles).to(tl.int64)
+    positions = (pid % num_p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pixel_mask = positions < L
+    # Pixels past L re-read pixel L − 1: finite statistics, not counted.
+    positions = tl.minimum(positions, L - 1).to(tl.int64)
+    valid = _valid_pixels(
+        target_ptr, n * target_stride_n + positions * target_stride_l, pixel_mask, ignore_index,
+        HAS_TARGET,
+    )
+    m_s, sum_s, m_t, sum_t, cross = _pixel_stats(
+        s_ptr, t_ptr, n * s_stride_n + positions * s_stride_l, n * t_stride_n + positions * t_stride_l,
+        s_stride_c, t_stride_c, C, log2e_over_tau, BLOCK_P, BLOCK_C,
+    )
+    _, _, kl2 = _kl_from_stats(m_s, sum_s, m_t, sum_t, cross)
+    tl.store(kl_partials_ptr + pid, tl.sum(tl.where(valid, kl2, 0.0), 0) * _LN2)
+    tl.store(count_partials_ptr + pid, tl.sum(valid.to(tl.int32), 0))
+
+
+@triton.jit
+def _pixel_kl_backward_kernel(
+    grad_loss_ptr, num_valid_ptr, s_ptr, t_ptr, target_ptr, grad_s_ptr, grad_t_ptr,
+    C, L, num_p_tiles,
+    s_stride_n, s_stride_c, s_stride_l, t_stride_n, t_stride_c, t_stride_l,
+    target_stride_n, target_stride_l,
+    gs_stride_n, gs_stride_c, gs_stride_l, gt_stride_n, gt_stride_c, gt_stride_l,
+    ignore_index, log2e_over_tau, tau,
+    HAS_TARGET: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NUM_C_CHUNKS: tl.constexpr,
+):
+    """pixel_kl backward on the forward's tiles: recompute each pixel's softmaxes (rows are
+    short), then grad_s = g·τ/max(V, 1)·(q − p), grad_t = g·τ/max(V, 1)·p(log p − log q − KL)
+    at valid pixels and 0 elsewhere. When C fits one chunk the tile is read once."""
+    pid = tl.program_id(0)
+    n = (pid // num_p_tiles).to(tl.int64)
+    positions = (pid % num_p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pixel_mask = positions < L
+    positions = tl.minimum(positions, L - 1).to(tl.int64)  # as in the forward: never stored
+    valid = _valid_pixels(
+        target_ptr, n * target_stride_n + positions * target_stride_l, pixel_mask, ignore_index,
+        HAS_TARGET,
+    )
+    num_valid = tl.maximum(tl.load(num_valid_ptr), 1).to(tl.float32)
+    coef = tl.where(valid, tl.load(grad_loss_ptr).to(tl.float32) * tau / num_valid, 0.0)
+    s_pixels = n * s_stride_n + positions * s_stride_l
+    t_pixels = n * t_stride_n + positions * t_stride_l
+    gs_pixels = n * gs_stride_n + positions * gs_stride_l
+    gt_pixels = n * gt_stride_n + positions * gt_stride_l
+    if NUM_C_CHUNKS == 1:
+        s2, t2, channels, channel_mask = _load_pixel_chunk(
+            s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, 0, C, log2e_over_tau,
+            BLOCK_C,
+        )
+        m_s, sum_s, m_t, sum_t, cross = _pixel_chunk_stats(s2, t2, channel_mask)
+        lse2_s, lse2_t, kl2 = _kl_from_stats(m_s, sum_s, m_t, sum_t, cross)
+        _store_pixel_grads(
+            grad_s_ptr, grad_t_ptr, gs_pixels, gt_pixels, gs_stride_c, gt_stride_c, channels,
+            pixel_mask[:, None] & channel_mask[None, :], s2, t2, lse2_s, lse2_t, kl2 * _LN2, coef,
+            STUDENT_GRAD, TEACHER_GRAD,
+        )
+    else:
+        m_s, sum_s, m_t, sum_t, cross = _pixel_stats(
+            s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, C, log2e_over_tau,
+            BLOCK_P, BLOCK_C,
+        )
+        lse2_s, lse2_t, kl2 = _kl_from_stats(m_s, sum_s, m_t, sum_t, cross)
+        for c0 in range(0, C, BLOCK_C):
+            s2, t2, channels, channel_mask = _load_pixel_chunk(
+                s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, c0, C, log2e_over_tau,
+                BLOCK_C,
+            )
+            _store_pixel_grads(
+                grad_s_ptr, grad_t_ptr, gs_pixels, gt_pixels, gs_stride_c, gt_stride_c, channels,
+                pixel_mask[:, None] & channel_mask[None, :], s2, t2, lse2_s, lse2_t, kl2 * _LN2,
+                coef, STUDENT_GRAD, TEACHER_GRAD,
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+
+_TILE = 2048                 # elements of s (and of t) one channel_kl program holds per step
+_MAX_BLOCK_R = 32            # channels_last: channels side by side in one channel_kl tile
+_PROGRAMS_PER_SM = 16        # channel_kl forward splits rows until the grid is this deep
+_MIN_BLOCKS_PER_SPLIT = 4    # … but never into splits shorter than this many tiles
+_BACKWARD_BLOCKS_PER_PROGRAM = 4
+_PIXEL_TILE = 4096           # BLOCK_P·BLOCK_C of a pixel_kl program
+_MAX_BLOCK_C = 256           # pixel_kl: more channels than this are looped over in chunks
+
+
+def _check_kernel_dtype(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{name}: the Triton kernels take float32, float16 or bfloat16, got {x.dtype}")
+
+
+def _new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, or a poisoned buffer under the test hook _POISON_OUTPUTS."""
+    buffer = torch.empty(shape, dtype=dtype, device=device)
+    if _POISON_OUTPUTS:
+        buffer.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min)
+    return buffer
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, *spatial) → (N, C, L): a view when the spatial dims merge (contiguous,
+    channels_last, strided last dim), otherwise the one copy reshape makes."""
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _grad_buffer(flat: torch.Tensor, needed: bool) -> torch.Tensor:
+    """The (N, C, L) gradient of ``flat``, channels-last when ``flat`` is (stride 1 over C),
+    contiguous otherwise; an empty (0,) tensor when the gradient is not requested."""
+    if not needed:
+        return flat.new_empty(0)
+    n, c, length = flat.shape
+    if flat.stride(1) == 1 and flat.stride(2) != 1:
+        return _new_buffer((n, length, c), flat.dtype, flat.device).permute(0, 2, 1)
+    return _new_buffer((n, c, length), flat.dtype, flat.device)
+
+
+def _strides(flat: torch.Tensor) -> tuple[int, int, int]:
+    """(n, c, l) strides; zeros for an empty, unused gradient buffer."""
+    return tuple(flat.stride()) if flat.dim() == 3 else (0, 0, 0)
+
+
+def _device_guard(x: torch.Tensor):
+    """Launch on x's GPU: Triton launches on the current device."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@dataclass(frozen=True)
+class _RowTiling:
+    """How channel_kl's rows (n, c) of length L are cut into programs: tiles of block_r rows
+    (channels of one image) × block_l positions; each row tile's L in ``splits`` splits of
+    ``blocks_per_split`` tiles; one program per (row tile, split)."""
+
+    block_r: int
+    block_l: int
+    num_c_tiles: int
+    splits: int
+    blocks_per_split: int
+    num_warps: int
+
+    def grid(self, n: int) -> tuple[int]:
+        return (n * self.num_c_tiles * self.splits,)
+
+
+def _row_tiling(s: torch.Tensor, t: torch.Tensor, *, backward: bool) -> _RowTiling:
+    """Heuristics for channel_kl's tiles and splits.
+
+    Rows whose positions are contiguous get one row per tile (block_r = 1). When both inputs
+    are channels-last (stride 1 over C), a tile spans up to 32 channels so that loads run along
+    the contiguous channels. The forward splits rows until the grid holds about
+    _PROGRAMS_PER_SM programs per SM (a few rows of a large L — CWD on (8, 19, 512, 1024) has
+    152 rows for 132 SMs — would otherwise leave the GPU idle) and merges the split partials in
+    a second kernel; the backward is elementwise and simply takes a few tiles per program.
+    """
+    n, c, length = s.shape
+    channels_last = c > 1 and s.stride(1) == 1 and t.stride(1) == 1
+    block_r = _LAUNCH_OVERRIDES.get(
+        "channel_block_r", min(triton.next_power_of_2(c), _MAX_BLOCK_R) if channels_last else 1
+    )
+    block_l = _LAUNCH_OVERRIDES.get(
+        "channel_block_l", min(max(_TILE // block_r, 16), triton.next_power_of_2(length))
+    )
+    num_c_tiles = triton.cdiv(c, block_r)
+    num_blocks = triton.cdiv(length, block_l)
+    if backward:
+        blocks_per_split = min(_BACKWARD_BLOCKS_PER_PROGRAM, num_blocks)
+    else:
+        if "channel_splits" in _LAUNCH_OVERRIDES:
+            splits = _LAUNCH_OVERRIDES["channel_splits"]
+        elif s.is_cuda:
+            row_tiles = n * num_c_tiles
+            wanted = triton.cdiv(_PROGRAMS_PER_SM * _num_sms(s.device.index or 0), row_tiles)
+            splits = min(wanted, triton.cdiv(num_blocks, _MIN_BLOCKS_PER_SPLIT))
+        else:
+            splits = 1
+        blocks_per_split = triton.cdiv(num_blocks, max(1, min(splits, num_blocks)))
+    # Recount so that no split is empty.
+    splits = triton.cdiv(num_blocks, blocks_per_split)
+    num_warps = 8 if block_r * block_l >= _TILE else 4
+    return _RowTiling(block_r, block_l, num_c_tiles, splits, blocks_per_split, num_warps)
+
+
+def _channel_kl_forward(
+    student: torch.Tensor, teacher: torch.Tensor, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, row_stats): loss = τ²/(N·C) · Σ_rows KL, a float32 scalar; row_stats (N·C, 3)
+    float32 = per row [lse(s/τ), lse(t/τ), KL] over the L positions."""
+    _check_kernel_dtype("student", student)
+    _check_kernel_dtype("teacher", teacher)
+    s, t = _flatten(student), _flatten(teacher)
+    n, c, length = s.shape
+    num_rows = n * c
+    tiling = _row_tiling(s, t, backward=False)
+    partials = _new_buffer((5, num_rows, tiling.splits), torch.float32, s.device)
+    row_stats = _new_buffer((num_rows, 3), torch.float32, s.device)
+    block_s = triton.next_power_of_2(tiling.splits)
+    block_m = min(max(1, 1024 // block_s), triton.next_power_of_2(num_rows))
+    with _device_guard(s):
+        _channel_kl_partials_kernel[tiling.grid(n)](
+            s, t, partials,
+            c, length, num_rows, tiling.num_c_tiles, tiling.splits, tiling.blocks_per_split,
+            *s.stride(), *t.stride(),
+            LOG2E / tau,
+            BLOCK_R=tiling.block_r, BLOCK_L=tiling.block_l, num_warps=tiling.num_warps,
+        )
+        _channel_kl_merge_kernel[(triton.cdiv(num_rows, block_m),)](
+            partials, row_stats, num_rows, tiling.splits,
+            BLOCK_M=block_m, BLOCK_S=block_s, num_warps=4,
+        )
+    # A fixed-order reduction of the rows' KL: deterministic, unlike atomics.
+    loss = row_stats[:, 2].sum() * (tau * tau / num_rows)
+    return loss, row_stats
+
+
+def _channel_kl_backward(
+    grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, row_stats: torch.Tensor,
+    tau: float, student_requires_grad: bool, teacher_requires_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_student, grad_teacher), each shaped like its input or empty when not requested."""
+    s, t = _flatten(student), _flatten(teacher)
+    n, c, length = s.shape
+    grad_s = _grad_buffer(s, student_requires_grad)
+    grad_t = _grad_buffer(t, teacher_requires_grad)
+    if student_requires_grad or teacher_requires_grad:
+        tiling = _row_tiling(s, t, backward=True)
+        with _device_guard(s):
+            _channel_kl_backward_kernel[tiling.grid(n)](
+                grad_loss, s, t, row_stats, grad_s, grad_t,
+                c, length, tiling.num_c_tiles, tiling.splits, tiling.blocks_per_split,
+                *s.stride(), *t.stride(), *_strides(grad_s), *_strides(grad_t),
+                LOG2E / tau, tau / (n * c),
+                BLOCK_R=tiling.block_r, BLOCK_L=tiling.block_l,
+                STUDENT_GRAD=student_requires_grad, TEACHER_GRAD=teacher_requires_grad,
+                num_warps=tiling.num_warps,
+            )
+    return _unflatten(grad_s, student), _unflatten(grad_t, teacher)
+
+
+def _unflatten(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return grad.view(like.shape) if grad.numel() else grad
+
+
+@dataclass(frozen=True)
+class _PixelTiling:
+    """pixel_kl's tiles: block_p consecutive pixels of one image × all C channels, block_c at
+    a time; one program per (image, pixel tile)."""
+
+    block_p: int
+    block_c: int
+    num_c_chunks: int
+    num_p_tiles: int
+    num_warps: int
+
+    def grid(self, n: int) -> tuple[int]:
+        return (n * self.num_p_tiles,)
+
+
+def _pixel_tiling(c: int, length: int) -> _PixelTiling:
+    """Heuristics for pixel_kl: all channels of a pixel in one chunk up to 256 (logits have
+    ≤ ~150 classes), and as many pixels as fill a 4096-element tile (at least 16, so NCHW
+    loads along pixels stay coalesced)."""
+    block_c = _LAUNCH_OVERRIDES.get("pixel_block_c", min(triton.next_power_of_2(c), _MAX_BLOCK_C))
+    block_p = _LAUNCH_OVERRIDES.get(
+        "pixel_block_p", min(max(_PIXEL_TILE // block_c, 16), triton.next_power_of_2(length))
+    )
+    num_warps = 8 if block_p * block_c >= _PIXEL_TILE else 4
+    return _PixelTiling(
+        block_p, block_c, triton.cdiv(c, block_c), triton.cdiv(length, block_p), num_warps
+    )
+
+
+def _target_args(target: torch.Tensor | None, n: int) -> tuple:
+    """(pointer, stride over n, stride over positions) of the (N, L) labels, or no target."""
+    if target is None:
+        return None, 0, 0
+    flat = target.reshape(n, -1)
+    return (flat, *flat.stride())
+
+
+def _pixel_kl_forward(
+    student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None, ignore_index: int,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, num_valid): loss = τ²/max(V, 1) · Σ_valid KL, a float32 scalar; num_valid V, the
+    int64 count of valid pixels (N·L without target)."""
+    _check_kernel_dtype("student", student)
+    _check_kernel_dtype("teacher", teacher)
+    s, t = _flatten(student), _flatten(teacher)
+    n, c, length = s.shape
+    tiling = _pixel_tiling(c, length)
+    grid = tiling.grid(n)
+    kl_partials = _new_buffer(grid, torch.float32, s.device)
+    count_partials = _new_buffer(grid, torch.int32, s.device)
+    target_flat, target_stride_n, target_stride_l = _target_args(target, n)
+    with _device_guard(s):
+        _pixel_kl_forward_kernel[grid](
+            s, t, target_flat, kl_partials, count_partials,
+            c, length, tiling.num_p_tiles, *s.stride(), *t.stride(),
+            target_stride_n, target_stride_l, ignore_index, LOG2E / tau,
+            HAS_TARGET=target is not None, BLOCK_P=tiling.block_p, BLOCK_C=tiling.block_c,
+            num_warps=tiling.num_warps,
+        )
+    # Fixed-order reductions of the per-program partials: deterministic, unlike atomics.
+    num_valid = count_partials.sum(dtype=torch.int64)
+    loss = kl_partials.sum() * (tau * tau) / num_valid.clamp(min=1)
+    return loss, num_valid
+
+
+def _pixel_kl_backward(
+    grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
+    target: torch.Tensor | None, num_valid: torch.Tensor, ignore_index: int, tau: float,
+    student_requires_grad: bool, teacher_requires_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_student, grad_teacher), each shaped like its input or empty when not requested."""
+    s, t = _flatten(student), _flatten(teacher)
+    n, c, length = s.shape
+    grad_s = _grad_buffer(s, student_requires_grad)
+    grad_t = _grad_buffer(t, teacher_requires_grad)
+    if student_requires_grad or teacher_requires_grad:
+        tiling = _pixel_tiling(c, length)
+        target_flat, target_stride_n, target_stride_l = _target_args(target, n)
+        with _device_guard(s):
+            _pixel_kl_backward_kernel[tiling.grid(n)](
+                grad_loss, num_valid, s, t, target_flat, grad_s, grad_t,
+                c, length, tiling.num_p_tiles, *s.stride(), *t.stride(),
+                target_stride_n, target_stride_l, *_strides(grad_s), *_strides(grad_t),
+                ignore_index, LOG2E / tau, tau,
+                HAS_TARGET=target is not None, STUDENT_GRAD=student_requires_grad,
+                TEACHER_GRAD=teacher_requires_grad, BLOCK_P=tiling.block_p,
+                BLOCK_C=tiling.block_c, NUM_C_CHUNKS=tiling.num_c_chunks,
+                num_warps=tiling.num_warps,
+            )
+    return _unflatten(grad_s, student), _unflatten(grad_t, teacher)
+
+
+# ---------------------------------------------------------------------------------------------
+# ops: kdops_triton::{channel_kl, pixel_kl}{, _backward}, fake kernels, autograd
+# ---------------------------------------------------------------------------------------------
+
+_channel_kl_op = torch.library.custom_op(
+    "kdops_triton::channel_kl",
+    _channel_kl_forward,
+    mutates_args=(),
+    schema="(Tensor student, Tensor teacher, float tau) -> (Tensor loss, Tensor row_stats)",
+)
+_channel_kl_backward_op = torch.library.custom_op(
+    "kdops_triton::channel_kl_backward",
+    _channel_kl_backward,
+    mutates_args=(),
+    schema=(
+        "(Tensor grad_loss, Tensor student, Tensor teacher, Tensor row_stats, float tau, "
+        "bool student_requires_grad, bool teacher_requires_grad) "
+        "-> (Tensor grad_student, Tensor grad_teacher)"
+    ),
+)
+_pixel_kl_op = torch.library.custom_op(
+    "kdops_triton::pixel_kl",
+    _pixel_kl_forward,
+    mutates_args=(),
+    schema=(
+        "(Tensor student, Tensor teacher, Tensor? target, int ignore_index, float tau) "
+        "-> (Tensor loss, Tensor num_valid)"
+    ),
+)
+_pixel_kl_backward_op = torch.library.custom_op(
+    "kdops_triton::pixel_kl_backward",
+    _pixel_kl_backward,
+    mutates_args=(),
+    schema=(
+        "(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? target, Tensor num_valid, "
+        "int ignore_index, float tau, bool student_requires_grad, bool teacher_requires_grad) "
+        "-> (Tensor grad_student, Tensor grad_teacher)"
+    ),
+)
+
+
+def _fake_grads(student, teacher, student_requires_grad, teacher_requires_grad):
+    return (
+        _unflatten(_grad_buffer(_flatten(student), student_requires_grad), student),
+        _unflatten(_grad_buffer(_flatten(teacher), teacher_requires_grad), teacher),
+    )
+
+
+@_channel_kl_op.register_fake
+def _(student, teacher, tau):
+    rows = student.shape[0] * student.shape[1]
+    return student.new_empty((), dtype=torch.float32), student.new_empty((rows, 3), dtype=torch.float32)
+
+
+@_channel_kl_backward_op.register_fake
+def _(grad_loss, student, teacher, row_stats, tau, student_requires_grad, teacher_requires_grad):
+    return _fake_grads(student, teacher, student_requires_grad, teacher_requires_grad)
+
+
+@_pixel_kl_op.register_fake
+def _(student, teacher, target, ignore_index, tau):
+    return student.new_empty((), dtype=torch.float32), student.new_empty((), dtype=torch.int64)
+
+
+@_pixel_kl_backward_op.register_fake
+def _(grad_loss, student, teacher, target, num_valid, ignore_index, tau, student_requires_grad,
+      teacher_requires_grad):
+    return _fake_grads(student, teacher, student_requires_grad, teacher_requires_grad)
+
+
+def _channel_kl_setup_context(ctx, inputs, output):
+    student, teacher, tau = inputs
+    _, row_stats = output
+    ctx.mark_non_differentiable(row_stats)
+    ctx.save_for_backward(student, teacher, row_stats)
+    ctx.tau = tau
+
+
+def _channel_kl_autograd_backward(ctx, grad_loss, _grad_row_stats):
+    student, teacher, row_stats = ctx.saved_tensors
+    need_student, need_teacher = ctx.needs_input_grad[:2]
+    grad_s, grad_t = _channel_kl_backward_op(
+        grad_loss, student, teacher, row_stats, ctx.tau, need_student, need_teacher
+    )
+    return (grad_s if need_student else None, grad_t if need_teacher else None, None)
+
+
+def _pixel_kl_setup_context(ctx, inputs, output):
+    student, teacher, target, ignore_index, tau = inputs
+    _, num_valid = output
+    ctx.mark_non_differentiable(num_valid)
+    ctx.save_for_backward(student, teacher, target, num_valid)
+    ctx.ignore_index = ignore_index
+    ctx.tau = tau
+
+
+def _pixel_kl_autograd_backward(ctx, grad_loss, _grad_num_valid):
+    student, teacher, target, num_valid = ctx.saved_tensors
+    need_student, need_teacher = ctx.needs_input_grad[:2]
+    grad_s, grad_t = _pixel_kl_backward_op(
+        grad_loss, student, teacher, target, num_valid, ctx.ignore_index, ctx.tau,
+        need_student, need_teacher,
+    )
+    return (grad_s if need_student else None, grad_t if need_teacher else None, None, None, None)
+
+
+_channel_kl_op.register_autograd(_channel_kl_autograd_backward, setup_context=_channel_kl_setup_context)
+_pixel_kl_op.register_autograd(_pixel_kl_autograd_backward, setup_context=_pixel_kl_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# backend entry points (kdops.backend.OPS): validated arguments, positional
+# ---------------------------------------------------------------------------------------------
+
+
+def channel_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """τ² · Σ_{n,c} KL(softmax_L(t/τ) ‖ softmax_L(s/τ)) / (N·C), a float32 scalar, with autograd."""
+    return torch.ops.kdops_triton.channel_kl(student, teacher, tau)[0]
+
+
+def pixel_kl(
+    student: torch.Tensor, teacher: torch.Tensor, tau: float, target: torch.Tensor | None,
+    ignore_index: int,
+) -> torch.Tensor:
+    """τ² · mean over valid pixels of KL(softmax_C(t/τ) ‖ softmax_C(s/τ)), a float32 scalar
+    (0 when no pixel is valid), with autograd."""
+    return torch.ops.kdops_triton.pixel_kl(student, teacher, target, ignore_index, tau)[0]

@@ -1,0 +1,79 @@
+"""Build kdops and its extension ``kdops._C``.
+
+* ``csrc/kdops.cpp`` (the op schemas) and ``csrc/cpu/*.cpp`` (CPU kernels) are always built.
+* ``csrc/cuda/*.cu`` + ``csrc/cuda/*_api.cpp`` are added when torch is a CUDA build and nvcc
+  is found, or when ``KDOPS_FORCE_CUDA=1``.
+* ``KDOPS_NO_EXT=1`` installs pure Python (the reference backend, and Triton where it runs).
+* ``KDOPS_PORTABLE=1`` drops ``-march=native`` from the CPU flags (for binaries that travel).
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0") == "1"
+
+
+def extension_modules():
+    if _flag("KDOPS_NO_EXT"):
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    def rel(pattern):
+        return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+    sources = ["csrc/kdops.cpp"] + rel("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    if not _flag("KDOPS_PORTABLE"):
+        cxx.append("-march=native")
+    with_cuda = _flag("KDOPS_FORCE_CUDA") or (torch.version.cuda is not None and CUDA_HOME is not None)
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if with_cuda:
+        sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*_api.cpp")
+        ext = CUDAExtension(
+            "kdops._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=[("KDOPS_WITH_CUDA", "1")],
+            extra_compile_args={
+                "cxx": cxx,
+                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                         "-gencode=arch=compute_80,code=sm_80",
+                         "-gencode=arch=compute_90,code=sm_90"],
+            },
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension("kdops._C", sources, include_dirs=include_dirs,
+                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension_modules()
+
+setup(
+    name="kdops",
+    version="0.1.0",
+    description="Fused kernels for knowledge-distillation losses in semantic segmentation",
+    packages=find_packages(include=["kdops", "kdops.*"]) + ["kdops.models"],
+    package_dir={"kdops.models": "models"},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy", "tqdm", "Pillow"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest", "pytest-benchmark", "triton>=3.0"],
+    },
+    entry_points={
+        "console_scripts": [
+            "kdops-train=kdops.train.cli:train_main",
+            "kdops-distill=kdops.train.cli:distill_main",
+        ]
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
