@@ -30,11 +30,15 @@ def same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
         )
 
 
+def same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{name_b} must be on the device of {name_a} ({a.device}), got {b.device}")
+
+
 def same_dtype_and_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     if a.dtype != b.dtype:
         raise TypeError(f"{name_b} must have the dtype of {name_a} ({a.dtype}), got {b.dtype}")
-    if a.device != b.device:
-        raise ValueError(f"{name_b} must be on the device of {name_a} ({a.device}), got {b.device}")
+    same_device(name_a, a, name_b, b)
 
 
 def positive_finite(name: str, value) -> float:
@@ -77,7 +81,7 @@ def size2d(name: str, size) -> tuple[int, int] | None:
         or len(size) != 2
         or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)
     ):
-        raise ValueError(f"size must be None, an int or a pair of positive ints, got {size!r}")
+        raise ValueError(f"{name} must be None, an int or a pair of positive ints, got {size!r}")
     return (int(size[0]), int(size[1]))
 
 

@@ -48,7 +48,6 @@ class _Segmentor(nn.Module):
         self.head = self.head_type(stages["layer4"], num_classes)
         self.aux_head = FCNHead(stages["layer3"], num_classes) if aux else None
         self.num_classes = num_classes
-        self.backbone_name = backbone
         self.feature_channels = {**stages, "fusion": self.head.channels, "logits": num_classes}
         if aux:
             self.feature_channels["aux_logits"] = num_classes

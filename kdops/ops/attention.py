@@ -16,11 +16,6 @@ ATTENTION_NORMS = ("softmax", "l2", "none")
 CLASS_ATTENTION_NORMS = ("l2", "softmax", "none")
 
 
-def _same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
-    if a.device != b.device:
-        raise ValueError(f"{name_b} must be on the device of {name_a} ({a.device}), got {b.device}")
-
-
 def _check_pair(student, teacher, *, same_spatial: bool) -> None:
     """Two (N, C, H, W) feature maps of one dtype and device with equal N (and H, W)."""
     _checks.tensor("student", student, ndim=4)
@@ -55,7 +50,7 @@ def _class_weight(name: str, weight, x_name: str, x: torch.Tensor) -> torch.Tens
             f"{name} must have C={x.shape[1]} columns (the channels of {x_name}), "
             f"got shape {tuple(weight.shape)}"
         )
-    _same_device(x_name, x, name, weight)
+    _checks.same_device(x_name, x, name, weight)
     return weight.flatten(1)
 
 
@@ -67,7 +62,7 @@ def _check_class_bias(name: str, bias, num_classes: int, x_name: str, x: torch.T
         raise ValueError(
             f"{name} must have shape (K,) = ({num_classes},), got {tuple(bias.shape)}"
         )
-    _same_device(x_name, x, name, bias)
+    _checks.same_device(x_name, x, name, bias)
 
 
 def attention_map(

@@ -58,11 +58,7 @@ def _check_protos(name: str, protos, features: torch.Tensor, features_name: str)
             f"{name} must have C={features.shape[1]} channels like {features_name}, "
             f"got {tuple(protos.shape)}"
         )
-    if protos.device != features.device:
-        raise ValueError(
-            f"{name} must be on the device of {features_name} ({features.device}), "
-            f"got {protos.device}"
-        )
+    _checks.same_device(features_name, features, name, protos)
 
 
 def prototype_pool(
@@ -129,10 +125,7 @@ def prototype_kl(
             f"counts must have shape {tuple(student_protos.shape[:-1])} to match student_protos, "
             f"got {tuple(counts.shape)}"
         )
-    if counts.device != student.device:
-        raise ValueError(
-            f"counts must be on the device of student ({student.device}), got {counts.device}"
-        )
+    _checks.same_device("student", student, "counts", counts)
     tau = _checks.positive_finite("tau", tau)
     return _backend.dispatch("prototype_kl", backend, student)(
         student, teacher, student_protos, teacher_protos, counts, tau

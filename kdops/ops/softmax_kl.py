@@ -54,8 +54,7 @@ def pixel_kl(
             "target", target, batch=student.shape[0], num_classes=None,
             ignore_index=ignore_index, spatial=student.shape[2:],
         )
-        if target.device != student.device:
-            raise ValueError(f"target must be on the device of student ({student.device}), got {target.device}")
+        _checks.same_device("student", student, "target", target)
     return _backend.dispatch("pixel_kl", backend, student)(student, teacher, tau, target, ignore_index)
 
 

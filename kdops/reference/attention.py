@@ -83,7 +83,7 @@ def attention_loss(
         size = (student.shape[-2], student.shape[-1])
     student_map = attention_map(student, p, reduce, norm, size)
     teacher_map = attention_map(teacher, p, reduce, norm, size)
-    return (student_map - teacher_map).square().sum() / student_map.shape[0]
+    return (student_map - teacher_map).square().mean()
 
 
 def class_attention_map(

@@ -60,10 +60,10 @@ _LAUNCH_OVERRIDES: dict[str, int] = {}
 def _rescale(m, m_new):
     """exp2(m − m_new): the factor that moves a Σexp2(· − m) to the larger max m_new.
 
-    Exactly 1 where m == m_new, which also keeps an empty state (m = −inf, sum 0) empty
-    instead of turning it into NaN when m_new is −inf too.
+    An empty state (m = −inf, sum 0) gets factor 0, also when m_new is −inf (all states
+    empty): clamping m_new to the most negative float keeps −inf − (−inf) = NaN out.
     """
-    return tl.where(m == m_new, 1.0, tl.exp2(m - m_new))
+    return tl.exp2(m - tl.maximum(m_new, -3.4028234663852886e38))
 
 
 @triton.jit
@@ -105,20 +105,20 @@ def _kl_grads(s2, t2, lse2_s, lse2_t, kl, coef):
 
 @triton.jit
 def _load_pixel_chunk(
-    s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, c0, C, log2e_over_tau,
+    s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, c0, C, pixel_mask, log2e_over_tau,
     BLOCK_C: tl.constexpr,
 ):
-    """Channels [c0, c0 + BLOCK_C) of a tile of pixels (offsets s_pixels, t_pixels, all in
-    range), as base-2 logits [BLOCK_P, BLOCK_C], 0 past C; and those channels and their mask."""
+    """Channels [c0, c0 + BLOCK_C) of a tile of pixels as base-2 logits [BLOCK_P, BLOCK_C]
+    (0 outside the tensor); and those channels, their mask, and the mask of the elements."""
     channels = c0 + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
-    mask = tl.broadcast_to(channel_mask[None, :], [s_pixels.shape[0], BLOCK_C])
+    mask = pixel_mask[:, None] & channel_mask[None, :]
     channels = channels.to(tl.int64)
     s2 = tl.load(s_ptr + s_pixels[:, None] + channels[None, :] * s_stride_c, mask=mask, other=0.0)
     t2 = tl.load(t_ptr + t_pixels[:, None] + channels[None, :] * t_stride_c, mask=mask, other=0.0)
     s2 = s2.to(tl.float32) * log2e_over_tau
     t2 = t2.to(tl.float32) * log2e_over_tau
-    return s2, t2, channels, channel_mask
+    return s2, t2, channels, channel_mask, mask
 
 
 @triton.jit
@@ -126,7 +126,8 @@ def _pixel_chunk_stats(s2, t2, channel_mask):
     """Per pixel of a chunk: (max, Σexp2(· − max)) of s2 and of t2, and Σ exp2(t2 − max_t)(t2 − s2).
 
     Channels past C hold 0 in s2 and t2 (a finite cross term) and count as −inf in the max
-    and sums; every chunk has at least one channel below C.
+    and sums; every chunk has a channel below C, so every pixel's statistics are finite
+    (pixels past L hold zeros and are dropped by the caller).
     """
     s_in = tl.where(channel_mask[None, :], s2, float("-inf"))
     t_in = tl.where(channel_mask[None, :], t2, float("-inf"))
@@ -139,7 +140,7 @@ def _pixel_chunk_stats(s2, t2, channel_mask):
 
 @triton.jit
 def _pixel_stats(
-    s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, C, log2e_over_tau,
+    s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, C, pixel_mask, log2e_over_tau,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per pixel of a tile: the merged statistics over all C channels, BLOCK_C at a time."""
@@ -149,9 +150,9 @@ def _pixel_stats(
     sum_t = tl.zeros([BLOCK_P], tl.float32)
     cross = tl.zeros([BLOCK_P], tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        s2, t2, _, channel_mask = _load_pixel_chunk(
-            s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, c0, C, log2e_over_tau,
-            BLOCK_C,
+        s2, t2, _, channel_mask, _ = _load_pixel_chunk(
+            s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, c0, C, pixel_mask,
+            log2e_over_tau, BLOCK_C,
         )
         cm_s, csum_s, cm_t, csum_t, ccross = _pixel_chunk_stats(s2, t2, channel_mask)
         new_m_s = tl.maximum(m_s, cm_s)
@@ -170,7 +171,7 @@ def _pixel_stats(
 def _valid_pixels(target_ptr, target_offsets, pixel_mask, ignore_index, HAS_TARGET: tl.constexpr):
     """Pixels of the tile that count: in range, and with a label ≠ ignore_index if there is a target."""
     if HAS_TARGET:
-        labels = tl.load(target_ptr + target_offsets)
+        labels = tl.load(target_ptr + target_offsets, mask=pixel_mask, other=0)
         return pixel_mask & (labels.to(tl.int64) != ignore_index)
     else:
         return pixel_mask
@@ -219,9 +220,7 @@ def _channel_kl_partials_kernel(
     n = (row_tile // num_c_tiles).to(tl.int64)
     channels = (row_tile % num_c_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = channels < C
-    # Rows past C (a channels-last tile's tail) re-read channel C − 1: finite statistics that
-    # are never stored, and addresses the warp's other lanes already load.
-    channels = tl.minimum(channels, C - 1).to(tl.int64)
+    channels = channels.to(tl.int64)
     s_rows = n * s_stride_n + channels * s_stride_c
     t_rows = n * t_stride_n + channels * t_stride_c
 
@@ -234,7 +233,7 @@ def _channel_kl_partials_kernel(
     end_block = tl.minimum(first_block + blocks_per_split, tl.cdiv(L, BLOCK_L))
     for block in range(first_block, end_block):
         positions = block * BLOCK_L + tl.arange(0, BLOCK_L)
-        mask = tl.broadcast_to((positions < L)[None, :], [BLOCK_R, BLOCK_L])
+        mask = row_mask[:, None] & (positions < L)[None, :]
         positions = positions.to(tl.int64)
         s2 = tl.load(s_ptr + s_rows[:, None] + positions[None, :] * s_stride_l, mask=mask, other=0.0)
         t2 = tl.load(t_ptr + t_rows[:, None] + positions[None, :] * t_stride_l, mask=mask, other=0.0)
@@ -254,7 +253,7 @@ def _channel_kl_partials_kernel(
 
     rows = n * C + channels
     out = partials_ptr + rows * splits + split
-    stat_stride = num_rows.to(tl.int64) * splits
+    stat_stride = tl.cast(num_rows, tl.int64) * splits
     tl.store(out, row_m_s, mask=row_mask)
     tl.store(out + stat_stride, row_sum_s, mask=row_mask)
     tl.store(out + 2 * stat_stride, row_m_t, mask=row_mask)
@@ -276,7 +275,7 @@ def _channel_kl_merge_kernel(
     cols = tl.arange(0, BLOCK_S)
     mask = tl.broadcast_to((cols < splits)[None, :], [BLOCK_M, BLOCK_S])
     offsets = rows[:, None] * splits + cols[None, :]
-    stat_stride = num_rows.to(tl.int64) * splits
+    stat_stride = tl.cast(num_rows, tl.int64) * splits
     m_s = tl.load(partials_ptr + offsets, mask=mask, other=float("-inf"))
     sum_s = tl.load(partials_ptr + stat_stride + offsets, mask=mask, other=0.0)
     m_t = tl.load(partials_ptr + 2 * stat_stride + offsets, mask=mask, other=float("-inf"))
@@ -318,11 +317,11 @@ def _channel_kl_backward_kernel(
     n = (row_tile // num_c_tiles).to(tl.int64)
     channels = (row_tile % num_c_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = channels < C
-    channels = tl.minimum(channels, C - 1).to(tl.int64)  # as in the forward: never stored
+    channels = channels.to(tl.int64)
     stats = row_stats_ptr + (n * C + channels) * 3
-    lse2_s = (tl.load(stats) * _LOG2E)[:, None]
-    lse2_t = (tl.load(stats + 1) * _LOG2E)[:, None]
-    kl = tl.load(stats + 2)[:, None]
+    lse2_s = (tl.load(stats, mask=row_mask, other=0.0) * _LOG2E)[:, None]
+    lse2_t = (tl.load(stats + 1, mask=row_mask, other=0.0) * _LOG2E)[:, None]
+    kl = tl.load(stats + 2, mask=row_mask, other=0.0)[:, None]
     coef = tl.load(grad_loss_ptr).to(tl.float32) * grad_scale
     s_rows = (n * s_stride_n + channels * s_stride_c)[:, None]
     t_rows = (n * t_stride_n + channels * t_stride_c)[:, None]
@@ -333,11 +332,10 @@ def _channel_kl_backward_kernel(
     end_block = tl.minimum(first_block + blocks_per_split, tl.cdiv(L, BLOCK_L))
     for block in range(first_block, end_block):
         positions = block * BLOCK_L + tl.arange(0, BLOCK_L)
-        in_row = (positions < L)[None, :]
-        mask = row_mask[:, None] & in_row
+        mask = row_mask[:, None] & (positions < L)[None, :]
         positions = positions.to(tl.int64)[None, :]
-        s2 = tl.load(s_ptr + s_rows + positions * s_stride_l, mask=in_row, other=0.0)
-        t2 = tl.load(t_ptr + t_rows + positions * t_stride_l, mask=in_row, other=0.0)
+        s2 = tl.load(s_ptr + s_rows + positions * s_stride_l, mask=mask, other=0.0)
+        t2 = tl.load(t_ptr + t_rows + positions * t_stride_l, mask=mask, other=0.0)
         s2 = s2.to(tl.float32) * log2e_over_tau
         t2 = t2.to(tl.float32) * log2e_over_tau
         grad_s, grad_t = _kl_grads(s2, t2, lse2_s, lse2_t, kl, coef)
@@ -364,15 +362,14 @@ def _pixel_kl_forward_kernel(
     n = (pid // num_p_tiles).to(tl.int64)
     positions = (pid % num_p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
     pixel_mask = positions < L
-    # Pixels past L re-read pixel L − 1: finite statistics, not counted.
-    positions = tl.minimum(positions, L - 1).to(tl.int64)
+    positions = positions.to(tl.int64)
     valid = _valid_pixels(
         target_ptr, n * target_stride_n + positions * target_stride_l, pixel_mask, ignore_index,
         HAS_TARGET,
     )
     m_s, sum_s, m_t, sum_t, cross = _pixel_stats(
         s_ptr, t_ptr, n * s_stride_n + positions * s_stride_l, n * t_stride_n + positions * t_stride_l,
-        s_stride_c, t_stride_c, C, log2e_over_tau, BLOCK_P, BLOCK_C,
+        s_stride_c, t_stride_c, C, pixel_mask, log2e_over_tau, BLOCK_P, BLOCK_C,
     )
     _, _, kl2 = _kl_from_stats(m_s, sum_s, m_t, sum_t, cross)
     tl.store(kl_partials_ptr + pid, tl.sum(tl.where(valid, kl2, 0.0), 0) * _LN2)
@@ -397,7 +394,7 @@ def _pixel_kl_backward_kernel(
     n = (pid // num_p_tiles).to(tl.int64)
     positions = (pid % num_p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
     pixel_mask = positions < L
-    positions = tl.minimum(positions, L - 1).to(tl.int64)  # as in the forward: never stored
+    positions = positions.to(tl.int64)
     valid = _valid_pixels(
         target_ptr, n * target_stride_n + positions * target_stride_l, pixel_mask, ignore_index,
         HAS_TARGET,
@@ -409,32 +406,30 @@ def _pixel_kl_backward_kernel(
     gs_pixels = n * gs_stride_n + positions * gs_stride_l
     gt_pixels = n * gt_stride_n + positions * gt_stride_l
     if NUM_C_CHUNKS == 1:
-        s2, t2, channels, channel_mask = _load_pixel_chunk(
-            s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, 0, C, log2e_over_tau,
-            BLOCK_C,
+        s2, t2, channels, channel_mask, mask = _load_pixel_chunk(
+            s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, 0, C, pixel_mask,
+            log2e_over_tau, BLOCK_C,
         )
         m_s, sum_s, m_t, sum_t, cross = _pixel_chunk_stats(s2, t2, channel_mask)
         lse2_s, lse2_t, kl2 = _kl_from_stats(m_s, sum_s, m_t, sum_t, cross)
         _store_pixel_grads(
-            grad_s_ptr, grad_t_ptr, gs_pixels, gt_pixels, gs_stride_c, gt_stride_c, channels,
-            pixel_mask[:, None] & channel_mask[None, :], s2, t2, lse2_s, lse2_t, kl2 * _LN2, coef,
-            STUDENT_GRAD, TEACHER_GRAD,
+            grad_s_ptr, grad_t_ptr, gs_pixels, gt_pixels, gs_stride_c, gt_stride_c, channels, mask,
+            s2, t2, lse2_s, lse2_t, kl2 * _LN2, coef, STUDENT_GRAD, TEACHER_GRAD,
         )
     else:
         m_s, sum_s, m_t, sum_t, cross = _pixel_stats(
-            s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, C, log2e_over_tau,
-            BLOCK_P, BLOCK_C,
+            s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, C, pixel_mask,
+            log2e_over_tau, BLOCK_P, BLOCK_C,
         )
         lse2_s, lse2_t, kl2 = _kl_from_stats(m_s, sum_s, m_t, sum_t, cross)
         for c0 in range(0, C, BLOCK_C):
-            s2, t2, channels, channel_mask = _load_pixel_chunk(
-                s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, c0, C, log2e_over_tau,
-                BLOCK_C,
+            s2, t2, channels, _, mask = _load_pixel_chunk(
+                s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, c0, C, pixel_mask,
+                log2e_over_tau, BLOCK_C,
             )
             _store_pixel_grads(
                 grad_s_ptr, grad_t_ptr, gs_pixels, gt_pixels, gs_stride_c, gt_stride_c, channels,
-                pixel_mask[:, None] & channel_mask[None, :], s2, t2, lse2_s, lse2_t, kl2 * _LN2,
-                coef, STUDENT_GRAD, TEACHER_GRAD,
+                mask, s2, t2, lse2_s, lse2_t, kl2 * _LN2, coef, STUDENT_GRAD, TEACHER_GRAD,
             )
 
 
@@ -447,7 +442,7 @@ _MAX_BLOCK_R = 32            # channels_last: channels side by side in one chann
 _PROGRAMS_PER_SM = 16        # channel_kl forward splits rows until the grid is this deep
 _MIN_BLOCKS_PER_SPLIT = 4    # … but never into splits shorter than this many tiles
 _BACKWARD_BLOCKS_PER_PROGRAM = 4
-_PIXEL_TILE = 4096           # BLOCK_P·BLOCK_C of a pixel_kl program
+_PIXEL_TILE = 2048           # BLOCK_P·BLOCK_C of a pixel_kl program
 _MAX_BLOCK_C = 256           # pixel_kl: more channels than this are looped over in chunks
 
 
@@ -628,11 +623,12 @@ class _PixelTiling:
 
 def _pixel_tiling(c: int, length: int) -> _PixelTiling:
     """Heuristics for pixel_kl: all channels of a pixel in one chunk up to 256 (logits have
-    ≤ ~150 classes), and as many pixels as fill a 4096-element tile (at least 16, so NCHW
-    loads along pixels stay coalesced)."""
+    ≤ ~150 classes), and as many pixels as fill a 2048-element tile, at least 8 so that an
+    NCHW tile reads whole 32-byte sectors along pixels. (A bigger tile holds more than
+    ~128 registers per thread: fewer resident warps to hide memory latency.)"""
     block_c = _LAUNCH_OVERRIDES.get("pixel_block_c", min(triton.next_power_of_2(c), _MAX_BLOCK_C))
     block_p = _LAUNCH_OVERRIDES.get(
-        "pixel_block_p", min(max(_PIXEL_TILE // block_c, 16), triton.next_power_of_2(length))
+        "pixel_block_p", min(max(_PIXEL_TILE // block_c, 8), triton.next_power_of_2(length))
     )
     num_warps = 8 if block_p * block_c >= _PIXEL_TILE else 4
     return _PixelTiling(

@@ -1,0 +1,346 @@
+"""The Triton kernels of channel_kl and pixel_kl against the float64 reference.
+
+Without a GPU these run on CPU tensors under TRITON_INTERPRET=1 (set by tests/conftest.py);
+on a GPU the same cases run on CUDA tensors. Every launcher buffer starts as NaN (the module's
+_POISON_OUTPUTS hook, on for the whole file), so a passing case also proves that every output
+element is written. Small launch overrides make tiny inputs cross blocks, chunks and splits.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kdops import backend as kd_backend  # noqa: E402
+from kdops.reference import softmax_kl as reference  # noqa: E402
+from kdops.triton import softmax_kl as triton_kl  # noqa: E402
+from tests.utils import TOLERANCES, cpu_and_cuda, make_layout, relative_error  # noqa: E402
+
+OPS = torch.ops.kdops_triton
+
+
+@pytest.fixture(params=cpu_and_cuda())
+def device(request):
+    if request.param == "cpu" and not kd_backend.triton_interpreting():
+        pytest.skip("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    monkeypatch.setattr(triton_kl, "_POISON_OUTPUTS", True)
+
+
+def set_launch(monkeypatch, **overrides):
+    monkeypatch.setattr(triton_kl, "_LAUNCH_OVERRIDES", dict(overrides))
+
+
+def layout(x: torch.Tensor, name: str) -> torch.Tensor:
+    """make_layout's layouts, and "h-slice": every other row of a twice-as-tall buffer, whose
+    spatial dims do not merge into one stride (the launchers copy it once)."""
+    if name != "h-slice":
+        return make_layout(x, name)
+    tall = torch.empty(*x.shape[:2], 2 * x.shape[2], *x.shape[3:], dtype=x.dtype, device=x.device)
+    tall[:, :, ::2] = x
+    return tall[:, :, ::2]
+
+
+def make_pair(shape, dtype, device, layouts=("contiguous", "contiguous"), seed=0):
+    """Student and teacher logits, spread wide enough (σ = 3) that the softmaxes are peaked."""
+    generator = torch.Generator().manual_seed(seed)
+    pair = []
+    for name in layouts:
+        x = (3 * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype)
+        pair.append(layout(x.to(device), name).requires_grad_())
+    return pair
+
+
+def make_target(shape, num_classes, ignore_index, device, dtype=torch.int64, seed=1):
+    """Labels (N, *spatial) in [0, num_classes) with about a third of the pixels ignored."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (shape[0], *shape[2:]), generator=generator)
+    ignored = torch.rand(labels.shape, generator=generator) < 0.35
+    return torch.where(ignored, ignore_index, labels).to(dtype).to(device)
+
+
+def reference_and_grads(fn, student, teacher, *args):
+    """The reference loss and gradients, in float64 on CPU, at the same (rounded) inputs."""
+    s = student.detach().double().cpu().requires_grad_()
+    t = teacher.detach().double().cpu().requires_grad_()
+    loss = fn(s, t, *args)
+    loss.backward()
+    return loss, s.grad, t.grad
+
+
+def assert_matches(loss, student, teacher, expected, loss_tol, grad_tol):
+    expected_loss, expected_grad_s, expected_grad_t = expected
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert relative_error(loss, expected_loss) <= loss_tol
+    for x, expected_grad in ((student, expected_grad_s), (teacher, expected_grad_t)):
+        assert x.grad.dtype == x.dtype and x.grad.shape == x.shape
+        assert torch.isfinite(x.grad).all()
+        assert relative_error(x.grad, expected_grad) <= grad_tol
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------------ channel_kl ---
+
+CHANNEL_CASES = [
+    pytest.param((2, 3, 5, 7), ("contiguous",) * 2, 1.0, {}, id="odd-2x3x5x7"),
+    pytest.param((2, 3, 15, 20), ("contiguous",) * 2, 2.5, {"channel_block_l": 64}, id="L300-5-blocks"),
+    pytest.param(
+        (2, 3, 15, 20), ("contiguous",) * 2, 0.5, {"channel_block_l": 32, "channel_splits": 3},
+        id="L300-3-splits",
+    ),
+    pytest.param((2, 5, 5, 7), ("channels_last",) * 2, 1.0, {}, id="channels-last"),
+    pytest.param(
+        (2, 5, 5, 7), ("channels_last",) * 2, 2.0,
+        {"channel_block_r": 2, "channel_block_l": 16, "channel_splits": 2},
+        id="channels-last-3-row-tiles-2-splits",
+    ),
+    pytest.param((2, 3, 5, 7), ("channels_last", "contiguous"), 1.0, {}, id="mixed-layouts"),
+    pytest.param((2, 3, 5, 7), ("strided",) * 2, 1.0, {}, id="strided"),
+    pytest.param((2, 3, 5, 7), ("h-slice", "contiguous"), 1.0, {}, id="unmergeable-copy"),
+    pytest.param((3, 1, 4, 6), ("contiguous",) * 2, 1.0, {}, id="C1"),
+    pytest.param((2, 3, 1, 1), ("contiguous",) * 2, 1.0, {}, id="L1"),
+    pytest.param((1, 4, 9), ("contiguous",) * 2, 3.0, {}, id="3d-N1"),
+    pytest.param((2, 2, 3, 2, 5), ("contiguous",) * 2, 1.0, {}, id="5d"),
+]
+
+
+@pytest.mark.parametrize("dtype, loss_tol, grad_tol", TOLERANCES)
+@pytest.mark.parametrize("shape, layouts, tau, launch", CHANNEL_CASES)
+def test_channel_kl_matches_reference(
+    device, monkeypatch, shape, layouts, tau, launch, dtype, loss_tol, grad_tol
+):
+    set_launch(monkeypatch, **launch)
+    student, teacher = make_pair(shape, dtype, device, layouts)
+    loss = triton_kl.channel_kl(student, teacher, tau)
+    loss.backward()
+    expected = reference_and_grads(reference.channel_kl, student, teacher, tau)
+    assert_matches(loss, student, teacher, expected, loss_tol, grad_tol)
+
+
+@pytest.mark.parametrize(
+    "launch",
+    [pytest.param({}, id="one-split"), pytest.param({"channel_block_l": 16, "channel_splits": 3}, id="3-splits")],
+)
+def test_channel_kl_row_stats(device, monkeypatch, launch):
+    """row_stats = per row (n, c) [lse(s/τ), lse(t/τ), KL], against float64."""
+    set_launch(monkeypatch, **launch)
+    tau = 1.7
+    student, teacher = make_pair((2, 3, 5, 9), torch.float32, device)
+    loss, row_stats = OPS.channel_kl(student.detach(), teacher.detach(), tau)
+    s = student.detach().double().cpu().reshape(6, -1) / tau
+    t = teacher.detach().double().cpu().reshape(6, -1) / tau
+    lse_s, lse_t = s.logsumexp(1), t.logsumexp(1)
+    kl = ((t - lse_t[:, None]).exp() * ((t - lse_t[:, None]) - (s - lse_s[:, None]))).sum(1)
+    assert row_stats.shape == (6, 3) and row_stats.dtype == torch.float32
+    assert relative_error(row_stats[:, 0], lse_s) <= 1e-6
+    assert relative_error(row_stats[:, 1], lse_t) <= 1e-6
+    assert relative_error(row_stats[:, 2], kl) <= 1e-5
+    assert relative_error(loss, kl.sum() * tau * tau / 6) <= 1e-5
+
+
+# -------------------------------------------------------------------------------- pixel_kl ---
+
+PIXEL_CASES = [
+    pytest.param((2, 3, 5, 7), ("contiguous",) * 2, 1.0, None, {}, id="odd-no-target"),
+    pytest.param((2, 3, 5, 7), ("contiguous",) * 2, 2.0, (255, torch.int64), {}, id="odd-target"),
+    pytest.param(
+        (2, 10, 5, 7), ("contiguous",) * 2, 0.7, (255, torch.int64),
+        {"pixel_block_p": 16, "pixel_block_c": 4}, id="3-tiles-3-chunks",
+    ),
+    pytest.param(
+        (2, 10, 5, 7), ("channels_last",) * 2, 1.0, (255, torch.uint8),
+        {"pixel_block_p": 16, "pixel_block_c": 4}, id="channels-last-chunks-uint8",
+    ),
+    pytest.param((2, 5, 5, 7), ("channels_last",) * 2, 1.0, (-1, torch.int32), {}, id="channels-last-ignore-1"),
+    pytest.param((2, 3, 5, 7), ("channels_last", "strided"), 1.0, (255, torch.int64), {}, id="mixed-layouts"),
+    pytest.param((2, 3, 5, 7), ("strided",) * 2, 3.0, None, {}, id="strided"),
+    pytest.param((2, 3, 5, 7), ("h-slice", "contiguous"), 1.0, (255, torch.int64), {}, id="unmergeable-copy"),
+    pytest.param((3, 1, 4, 6), ("contiguous",) * 2, 1.0, (255, torch.int64), {}, id="C1"),
+    pytest.param((2, 4, 1, 1), ("contiguous",) * 2, 1.0, None, {}, id="L1"),
+    pytest.param((1, 4, 9), ("contiguous",) * 2, 1.0, (0, torch.int64), {}, id="3d-N1-ignore-0"),
+    pytest.param((2, 2, 3, 2, 5), ("contiguous",) * 2, 1.0, None, {}, id="5d"),
+]
+
+
+@pytest.mark.parametrize("dtype, loss_tol, grad_tol", TOLERANCES)
+@pytest.mark.parametrize("shape, layouts, tau, labels, launch", PIXEL_CASES)
+def test_pixel_kl_matches_reference(
+    device, monkeypatch, shape, layouts, tau, labels, launch, dtype, loss_tol, grad_tol
+):
+    set_launch(monkeypatch, **launch)
+    student, teacher = make_pair(shape, dtype, device, layouts)
+    ignore_index, label_dtype = labels if labels is not None else (255, None)
+    target = None
+    if labels is not None:
+        target = make_target(shape, shape[1], ignore_index, device, label_dtype)
+    loss = triton_kl.pixel_kl(student, teacher, tau, target, ignore_index)
+    loss.backward()
+    cpu_target = None if target is None else target.cpu()
+    expected = reference_and_grads(
+        reference.pixel_kl, student, teacher, tau, cpu_target, ignore_index
+    )
+    assert_matches(loss, student, teacher, expected, loss_tol, grad_tol)
+
+
+def test_pixel_kl_num_valid(device):
+    student, teacher = make_pair((2, 3, 5, 7), torch.float32, device)
+    target = make_target(student.shape, 3, 255, device)
+    _, num_valid = OPS.pixel_kl(student.detach(), teacher.detach(), target, 255, 1.0)
+    assert num_valid.dtype == torch.int64 and num_valid.shape == ()
+    assert int(num_valid) == int((target != 255).sum())
+    _, num_valid = OPS.pixel_kl(student.detach(), teacher.detach(), None, 255, 1.0)
+    assert int(num_valid) == 2 * 35
+
+
+def test_pixel_kl_all_ignored_is_zero(device):
+    student, teacher = make_pair((2, 3, 5, 7), torch.float32, device)
+    target = torch.full((2, 5, 7), 255, dtype=torch.int64, device=device)
+    loss = triton_kl.pixel_kl(student, teacher, 2.0, target, 255)
+    loss.backward()
+    assert loss.item() == 0.0
+    for x in (student, teacher):
+        assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+# ------------------------------------------------------------- gradients, hooks, determinism ---
+
+
+def run_op(op, student, teacher, target):
+    if op == "channel_kl":
+        return triton_kl.channel_kl(student, teacher, 1.5)
+    return triton_kl.pixel_kl(student, teacher, 1.5, target, 255)
+
+
+@pytest.mark.parametrize("op", ["channel_kl", "pixel_kl"])
+@pytest.mark.parametrize("wanted", ["student", "teacher"])
+def test_only_requested_gradient(device, op, wanted):
+    """Autograd asks for one gradient: it matches the reference, the other stays None."""
+    student, teacher = make_pair((2, 3, 5, 7), torch.float32, device)
+    target = make_target(student.shape, 3, 255, device)
+    unwanted = teacher if wanted == "student" else student
+    unwanted.requires_grad_(False)
+    run_op(op, student, teacher, target).backward()
+    ref_fn = getattr(reference, op)
+    args = (1.5,) if op == "channel_kl" else (1.5, target.cpu(), 255)
+    _, grad_s, grad_t = reference_and_grads(ref_fn, student, teacher, *args)
+    x, expected = (student, grad_s) if wanted == "student" else (teacher, grad_t)
+    assert unwanted.grad is None
+    assert relative_error(x.grad, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("op", ["channel_kl", "pixel_kl"])
+@pytest.mark.parametrize("flags", [(True, False), (False, True), (False, False)], ids=["s", "t", "none"])
+def test_backward_op_skips_unrequested_gradient(device, op, flags):
+    """The backward ops return an empty tensor (numel 0) for a gradient not asked for."""
+    student, teacher = make_pair((2, 3, 5, 7), torch.float32, device)
+    student, teacher = student.detach(), teacher.detach()
+    grad_loss = torch.ones((), device=device)
+    if op == "channel_kl":
+        _, row_stats = OPS.channel_kl(student, teacher, 1.5)
+        grads = OPS.channel_kl_backward(grad_loss, student, teacher, row_stats, 1.5, *flags)
+    else:
+        _, num_valid = OPS.pixel_kl(student, teacher, None, 255, 1.5)
+        grads = OPS.pixel_kl_backward(grad_loss, student, teacher, None, num_valid, 255, 1.5, *flags)
+    for grad, wanted, x in zip(grads, flags, (student, teacher)):
+        assert grad.shape == (x.shape if wanted else (0,))
+        assert torch.isfinite(grad).all()
+
+
+def test_poison_hook_fills_with_nan(device):
+    """The hook the other tests rely on really poisons the launchers' buffers."""
+    assert torch.isnan(triton_kl._new_buffer((3,), torch.float32, torch.device(device))).all()
+    counts = triton_kl._new_buffer((3,), torch.int32, torch.device(device))
+    assert (counts == torch.iinfo(torch.int32).min).all()
+
+
+@pytest.mark.parametrize("op", ["channel_kl", "pixel_kl"])
+def test_deterministic(device, monkeypatch, op):
+    set_launch(monkeypatch, channel_block_l=8, channel_splits=3, pixel_block_p=8)
+    runs = []
+    for _ in range(2):
+        student, teacher = make_pair((2, 3, 5, 7), torch.float32, device)
+        target = make_target(student.shape, 3, 255, device)
+        loss = run_op(op, student, teacher, target)
+        loss.backward()
+        runs.append((loss.detach(), student.grad, teacher.grad))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_rejects_float64(device):
+    student, teacher = make_pair((1, 2, 3), torch.float64, device)
+    with pytest.raises(TypeError, match="student"):
+        triton_kl.channel_kl(student, teacher, 1.0)
+    with pytest.raises(TypeError, match="student"):
+        triton_kl.pixel_kl(student, teacher, 1.0, None, 255)
+
+
+# ---------------------------------------------------------------------- torch.library checks ---
+
+
+def test_opcheck(device):
+    """Schemas, fake kernels, autograd registration and AOT dispatch of the four ops."""
+    student, teacher = make_pair((2, 3, 2, 3), torch.float32, device)
+    target = make_target(student.shape, 3, 255, device)
+    torch.library.opcheck(OPS.channel_kl.default, (student, teacher, 1.5))
+    torch.library.opcheck(OPS.pixel_kl.default, (student, teacher, target, 255, 1.5))
+    torch.library.opcheck(OPS.pixel_kl.default, (student, teacher, None, 255, 1.5))
+    s, t = student.detach(), teacher.detach()
+    grad_loss = torch.tensor(0.5, device=device)
+    _, row_stats = OPS.channel_kl(s, t, 1.5)
+    _, num_valid = OPS.pixel_kl(s, t, target, 255, 1.5)
+    for flags in ((True, True), (True, False)):
+        torch.library.opcheck(
+            OPS.channel_kl_backward.default, (grad_loss, s, t, row_stats, 1.5, *flags)
+        )
+        torch.library.opcheck(
+            OPS.pixel_kl_backward.default, (grad_loss, s, t, target, num_valid, 255, 1.5, *flags)
+        )
+
+
+@pytest.mark.needs_cuda
+def test_compile_fullgraph():
+    """Both losses and their backward under torch.compile(fullgraph=True) equal eager."""
+
+    def losses(student, teacher, target):
+        return (
+            triton_kl.channel_kl(student, teacher, 2.0)
+            + triton_kl.pixel_kl(student, teacher, 2.0, target, 255)
+        )
+
+    compiled = torch.compile(losses, fullgraph=True)
+    results = []
+    for fn in (losses, compiled):
+        student, teacher = make_pair((2, 19, 24, 40), torch.float32, "cuda")
+        target = make_target(student.shape, 19, 255, "cuda")
+        loss = fn(student, teacher, target)
+        loss.backward()
+        results.append((loss.detach(), student.grad, teacher.grad))
+    for eager, traced in zip(*results):
+        assert relative_error(traced, eager) <= 1e-6
+
+
+@pytest.mark.needs_cuda
+def test_int64_offsets():
+    """Offsets past 2^31 elements: the rows and pixels of a 3·2^30-element input, checked
+    against the same rows and pixels computed from small copies."""
+    length = 2**30
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    student = torch.randn((1, 3, length), generator=generator, device="cuda", dtype=torch.float16)
+    teacher = torch.randn((1, 3, length), generator=generator, device="cuda", dtype=torch.float16)
+    _, row_stats = OPS.channel_kl(student, teacher, 1.0)
+    _, last_row = OPS.channel_kl(student[:, 2:].clone(), teacher[:, 2:].clone(), 1.0)
+    assert torch.equal(row_stats[2], last_row[0])
+    loss, _ = OPS.pixel_kl(student, teacher, None, 255, 1.0)
+    half = length // 2
+    halves = [
+        OPS.pixel_kl(student[..., part].clone(), teacher[..., part].clone(), None, 255, 1.0)[0]
+        for part in (slice(0, half), slice(half, None))
+    ]
+    assert relative_error(loss, (halves[0] + halves[1]) / 2) <= 1e-5
