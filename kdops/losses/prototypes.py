@@ -107,7 +107,7 @@ class AdaptivePerspectiveDistillation(nn.Module):
         """
         projected = F.normalize(self.teacher_projection(teacher.detach()), dim=1)
         protos, _ = self._pool(projected, labels)
-        scores = torch.einsum("nchw,kc->nkhw", projected.float(), F.normalize(protos, dim=1))
+        scores = torch.einsum("nchw,kc->nkhw", projected.to(protos.dtype), F.normalize(protos, dim=1))
         scores = F.interpolate(scores, labels.shape[-2:], mode="bilinear", align_corners=True)
         return F.cross_entropy(scores / self.tau, labels, ignore_index=self.ignore_index)
 

@@ -84,10 +84,15 @@ def _online_add(m, total, x, mask):
 
 @triton.jit
 def _kl_from_stats(m_s, sum_s, m_t, sum_t, cross):
-    """(lse2_s, lse2_t, kl) of rows from their merged statistics (base-2 units: KL = ln2·kl)."""
+    """(lse2_s, lse2_t, kl) of rows from their merged statistics (base-2 units: KL = ln2·kl).
+
+    kl = cross/sum_t − (lse2_t − lse2_s) is summed as cross/sum_t + (m_s − m_t) +
+    log2(sum_s/sum_t): terms the size of the difference between s and t. Each lse2 is about
+    max + log2 L, and its float32 rounding (~1e-6 at L = 2^19) would swamp a small KL.
+    """
     lse2_s = m_s + tl.log2(sum_s)
     lse2_t = m_t + tl.log2(sum_t)
-    return lse2_s, lse2_t, cross / sum_t - lse2_t + lse2_s
+    return lse2_s, lse2_t, cross / sum_t + (m_s - m_t) + tl.log2(sum_s / sum_t)
 
 
 @triton.jit
@@ -442,7 +447,7 @@ _MAX_BLOCK_R = 32            # channels_last: channels side by side in one chann
 _PROGRAMS_PER_SM = 16        # channel_kl forward splits rows until the grid is this deep
 _MIN_BLOCKS_PER_SPLIT = 4    # … but never into splits shorter than this many tiles
 _BACKWARD_BLOCKS_PER_PROGRAM = 4
-_PIXEL_TILE = 2048           # BLOCK_P·BLOCK_C of a pixel_kl program
+_PIXEL_TILE = {4: 2048, 2: 1024}  # BLOCK_P·BLOCK_C of a pixel_kl program, by element size
 _MAX_BLOCK_C = 256           # pixel_kl: more channels than this are looped over in chunks
 
 
@@ -621,16 +626,18 @@ class _PixelTiling:
         return (n * self.num_p_tiles,)
 
 
-def _pixel_tiling(c: int, length: int) -> _PixelTiling:
+def _pixel_tiling(c: int, length: int, element_size: int) -> _PixelTiling:
     """Heuristics for pixel_kl: all channels of a pixel in one chunk up to 256 (logits have
-    ≤ ~150 classes), and as many pixels as fill a 2048-element tile, at least 8 so that an
-    NCHW tile reads whole 32-byte sectors along pixels. (A bigger tile holds more than
-    ~128 registers per thread: fewer resident warps to hide memory latency.)"""
+    ≤ ~150 classes), and as many pixels as fill the tile, at least 8 so that an NCHW tile
+    reads whole 32-byte sectors along pixels. The tile (2048 elements, 1024 for 16-bit
+    inputs, whose wider vector loads cost registers) keeps ptxas at ≤ ~80 registers per
+    thread for sm_90, so 3–4 programs of 8 warps stay resident per SM to hide latency."""
+    tile = _PIXEL_TILE[element_size]
     block_c = _LAUNCH_OVERRIDES.get("pixel_block_c", min(triton.next_power_of_2(c), _MAX_BLOCK_C))
     block_p = _LAUNCH_OVERRIDES.get(
-        "pixel_block_p", min(max(_PIXEL_TILE // block_c, 8), triton.next_power_of_2(length))
+        "pixel_block_p", min(max(tile // block_c, 8), triton.next_power_of_2(length))
     )
-    num_warps = 8 if block_p * block_c >= _PIXEL_TILE else 4
+    num_warps = 8 if block_p * block_c >= tile else 4
     return _PixelTiling(
         block_p, block_c, triton.cdiv(c, block_c), triton.cdiv(length, block_p), num_warps
     )
@@ -654,7 +661,7 @@ def _pixel_kl_forward(
     _check_kernel_dtype("teacher", teacher)
     s, t = _flatten(student), _flatten(teacher)
     n, c, length = s.shape
-    tiling = _pixel_tiling(c, length)
+    tiling = _pixel_tiling(c, length, s.element_size())
     grid = tiling.grid(n)
     kl_partials = _new_buffer(grid, torch.float32, s.device)
     count_partials = _new_buffer(grid, torch.int32, s.device)
@@ -684,7 +691,7 @@ def _pixel_kl_backward(
     grad_s = _grad_buffer(s, student_requires_grad)
     grad_t = _grad_buffer(t, teacher_requires_grad)
     if student_requires_grad or teacher_requires_grad:
-        tiling = _pixel_tiling(c, length)
+        tiling = _pixel_tiling(c, length, s.element_size())
         target_flat, target_stride_n, target_stride_l = _target_args(target, n)
         with _device_guard(s):
             _pixel_kl_backward_kernel[tiling.grid(n)](

@@ -7,6 +7,13 @@ element is written. Small launch overrides make tiny inputs cross blocks, chunks
 """
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -344,3 +351,112 @@ def test_int64_offsets():
         for part in (slice(0, half), slice(half, None))
     ]
     assert relative_error(loss, (halves[0] + halves[1]) / 2) <= 1e-5
+
+
+# ------------------------------------------------------------------- compiled for Hopper ---
+#
+# The interpreter runs the kernels' Python, not Triton's compiler: a kernel can pass every test
+# above and still fail to compile (Triton turns an int argument equal to 1 into a constexpr, for
+# one). So the launchers also run, in a subprocess without TRITON_INTERPRET, on meta tensors with
+# each kernel launch replaced by a compilation for sm_90 (H100); ptxas's resource usage of every
+# compiled kernel must show no spills and at most 128 registers per thread (so that at least two
+# programs of 8 warps fit on an SM to hide memory latency).
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KERNELS = (
+    "_channel_kl_partials_kernel",
+    "_channel_kl_merge_kernel",
+    "_channel_kl_backward_kernel",
+    "_pixel_kl_forward_kernel",
+    "_pixel_kl_backward_kernel",
+)
+
+
+def compile_for_hopper() -> list[tuple[str, int, int]]:
+    """(kernel, registers, local-memory bytes) of every kernel the launchers launch for a few
+    representative calls, compiled for sm_90 without a GPU."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class Hopper:
+        """Stands in for the CUDA driver: the target to compile for, no device."""
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    driver.set_active(Hopper())
+    compiled = []
+
+    class CompileInsteadOfLaunch:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                args = [a.dtype if isinstance(a, torch.Tensor) else a for a in args]
+                compiled.append(self.kernel.warmup(*args, grid=grid, **kwargs))
+
+            return launch
+
+    for name in KERNELS:
+        setattr(triton_kl, name, CompileInsteadOfLaunch(getattr(triton_kl, name)))
+
+    def run(shape, dtype, channels_last=False, target_dtype=None, grads=(True, True), channel=True):
+        s = torch.empty(shape, dtype=dtype, device="meta")
+        if channels_last:
+            s = s.contiguous(memory_format=torch.channels_last)
+        target = None
+        if target_dtype is not None:
+            target = torch.empty((shape[0], *shape[2:]), dtype=target_dtype, device="meta")
+        grad_loss = torch.empty((), device="meta")
+        if channel:
+            _, row_stats = triton_kl._channel_kl_forward(s, s, 2.0)
+            triton_kl._channel_kl_backward(grad_loss, s, s, row_stats, 2.0, *grads)
+        _, num_valid = triton_kl._pixel_kl_forward(s, s, target, 255, 2.0)
+        triton_kl._pixel_kl_backward(grad_loss, s, s, target, num_valid, 255, 2.0, *grads)
+
+    triton_kl._LAUNCH_OVERRIDES["channel_splits"] = 14  # the split count of an H100 at this size
+    run((8, 19, 512, 1024), torch.float32, target_dtype=torch.int64)
+    run((8, 19, 512, 1024), torch.bfloat16, channels_last=True, grads=(False, True))
+    run((2, 1000, 64, 64), torch.float16, target_dtype=torch.uint8, grads=(True, False), channel=False)
+    triton_kl._LAUNCH_OVERRIDES.clear()
+    run((1, 1, 1), torch.float32, target_dtype=torch.uint8)  # every size 1: constexpr ints
+
+    usage = []
+    for kernel in compiled:
+        cubin = Path(os.environ["TRITON_CACHE_DIR"]) / f"{kernel.name}-{len(usage)}.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        dump = subprocess.run(
+            [knobs.nvidia.cuobjdump.path, "--dump-resource-usage", str(cubin)],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        registers, local = re.search(r"REG:(\d+) .*LOCAL:(\d+)", dump).groups()
+        usage.append((kernel.name, int(registers), int(local)))
+    return usage
+
+
+def test_kernels_compile_for_hopper(tmp_path):
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.triton.test_softmax_kl_triton", "--compile-for-hopper"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    usage = json.loads(done.stdout.splitlines()[-1])
+    assert {name for name, _, _ in usage} == set(KERNELS)
+    for name, registers, local in usage:
+        assert local == 0, f"{name} spills {local} bytes"
+        assert registers <= 128, f"{name} uses {registers} registers"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--compile-for-hopper"]:
+    print(json.dumps(compile_for_hopper()))

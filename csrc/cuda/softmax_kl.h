@@ -1,0 +1,101 @@
+// CUDA kernels of channel_kl and pixel_kl: launch parameters and launchers (torch-free; included
+// by softmax_kl.cu and by softmax_kl_api.cpp, which fills them from tensors).
+//
+// Tensors are passed as data pointers with (N, C, L) element strides (spatial dims merged) so
+// any layout whose spatial dims merge runs without a copy. Scalars the caller only has on the
+// device (the incoming gradient, the count of valid pixels) are read by the kernels, never
+// copied to the host. Results are summed in a fixed order: the same bits on every run.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace kdops {
+namespace cuda {
+
+enum class DType : int32_t { kFloat32, kFloat16, kBFloat16 };
+
+// Element strides of a tensor read as (N, C, L).
+struct Strides3 {
+  int64_t n, c, l;
+};
+
+struct ChannelKLForwardParams {
+  const void* student;
+  const void* teacher;
+  Strides3 student_strides, teacher_strides;
+  int64_t n, c, l;
+  DType dtype;
+  float inv_tau;     // 1/τ
+  float loss_scale;  // τ²/(N·C)
+  float* loss;       // 0-dim
+  float* row_stats;  // (N·C, 3): [lse_s, lse_t, KL] of each row of τ-scaled logits
+  void* workspace;   // channel_kl_forward_workspace_bytes(params) bytes
+  int num_sms;       // multiprocessors of the device (sizes the grid)
+};
+
+struct ChannelKLBackwardParams {
+  const void* student;
+  const void* teacher;
+  Strides3 student_strides, teacher_strides;
+  void* grad_student;  // null: not requested
+  void* grad_teacher;  // null: not requested
+  Strides3 grad_student_strides, grad_teacher_strides;
+  int64_t n, c, l;
+  DType dtype;
+  float inv_tau;           // 1/τ
+  float tau_over_rows;     // τ/(N·C)
+  const float* grad_loss;  // 0-dim, on the device
+  const float* row_stats;  // (N·C, 3) contiguous, from the forward
+  int num_sms;
+};
+
+struct PixelKLForwardParams {
+  const void* student;
+  const void* teacher;
+  Strides3 student_strides, teacher_strides;
+  const int64_t* target;  // null: every pixel is valid
+  int64_t target_stride_n, target_stride_l;
+  int64_t ignore_index;
+  int64_t n, c, l;
+  DType dtype;
+  float inv_tau;   // 1/τ
+  float tau_sq;    // τ²
+  float* loss;     // 0-dim
+  int64_t* num_valid;  // 0-dim
+  void* workspace;     // pixel_kl_forward_workspace_bytes(params) bytes
+  int num_sms;
+};
+
+struct PixelKLBackwardParams {
+  const void* student;
+  const void* teacher;
+  Strides3 student_strides, teacher_strides;
+  const int64_t* target;  // null: every pixel is valid
+  int64_t target_stride_n, target_stride_l;
+  int64_t ignore_index;
+  void* grad_student;  // null: not requested
+  void* grad_teacher;  // null: not requested
+  Strides3 grad_student_strides, grad_teacher_strides;
+  int64_t n, c, l;
+  DType dtype;
+  float inv_tau;             // 1/τ
+  float tau;                 // τ
+  const float* grad_loss;    // 0-dim, on the device
+  const int64_t* num_valid;  // 0-dim, on the device, from the forward
+  int num_sms;
+};
+
+size_t channel_kl_forward_workspace_bytes(const ChannelKLForwardParams& params);
+size_t pixel_kl_forward_workspace_bytes(const PixelKLForwardParams& params);
+
+// Each launcher enqueues its kernels on `stream` and returns cudaGetLastError().
+cudaError_t launch_channel_kl_forward(const ChannelKLForwardParams& params, cudaStream_t stream);
+cudaError_t launch_channel_kl_backward(const ChannelKLBackwardParams& params, cudaStream_t stream);
+cudaError_t launch_pixel_kl_forward(const PixelKLForwardParams& params, cudaStream_t stream);
+cudaError_t launch_pixel_kl_backward(const PixelKLBackwardParams& params, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace kdops

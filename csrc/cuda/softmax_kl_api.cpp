@@ -1,0 +1,327 @@
+// The torch side of the CUDA kernels of channel_kl and pixel_kl (csrc/cuda/softmax_kl.cu): checks
+// the arguments, reads the tensors as (N, C, L) element strides, fills the launch parameters,
+// launches on the current stream of the inputs' device, and registers the ops for the CUDA
+// dispatch key.
+//
+// Inputs whose spatial dims merge into one stride run without a copy (any such strides; which are
+// fast is said in softmax_kl.cu); others are copied once into contiguous tensors. A gradient is
+// returned in the tensor empty_like(input) gives (what the fake kernels promise); when its
+// spatial dims cannot merge it is written to a contiguous buffer and copied in once.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cuda/softmax_kl.h"
+
+namespace kdops {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+
+// The stride of dims [first, dim) of x merged into one, when that is a view.
+std::optional<int64_t> merged_stride(const Tensor& x, int64_t first) {
+  int64_t stride = 1;   // a run of one element is contiguous
+  int64_t merged = -1;  // the stride the next outer dim needs to merge
+  for (int64_t d = x.dim() - 1; d >= first; --d) {
+    const int64_t size = x.size(d);
+    if (size == 1) continue;
+    if (merged < 0) {
+      stride = x.stride(d);
+    } else if (x.stride(d) != merged) {
+      return std::nullopt;
+    }
+    merged = x.stride(d) * size;
+  }
+  return stride;
+}
+
+std::optional<Strides3> row_strides(const Tensor& x) {
+  const auto stride_l = merged_stride(x, 2);
+  if (!stride_l) return std::nullopt;
+  return Strides3{x.stride(0), x.stride(1), *stride_l};
+}
+
+// x itself when its spatial dims merge, else a contiguous copy.
+Tensor readable(const Tensor& x) { return row_strides(x) ? x : x.contiguous(); }
+
+// The gradient of x, written directly or through a contiguous buffer copied in by finish().
+struct GradOut {
+  Tensor result;
+  Tensor written;
+
+  explicit GradOut(const Tensor& x) : result(at::empty_like(x)) {
+    written = row_strides(result) ? result : at::empty(x.sizes(), x.options());
+  }
+  void finish() {
+    if (!written.is_same(result)) result.copy_(written);
+  }
+};
+
+DType dtype_of(const Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "the CUDA kernels take float32, float16 or bfloat16 student, got ",
+                       x.scalar_type(), " (float64 runs on the reference backend)");
+  }
+}
+
+void check_pair(const Tensor& student, const Tensor& teacher) {
+  TORCH_CHECK_VALUE(student.dim() >= 2, "student must have shape (N, C, *spatial), got ",
+                    student.sizes());
+  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "teacher must have the shape of student (",
+                    student.sizes(), "), got ", teacher.sizes());
+  dtype_of(student);
+  TORCH_CHECK_TYPE(teacher.scalar_type() == student.scalar_type(),
+                   "teacher must have the dtype of student (", student.scalar_type(), "), got ",
+                   teacher.scalar_type());
+  TORCH_CHECK_VALUE(student.is_cuda() && teacher.device() == student.device(),
+                    "student and teacher must be on one CUDA device, got ", student.device(),
+                    " and ", teacher.device());
+  TORCH_CHECK_VALUE(student.numel() > 0, "student must not be empty, got shape ", student.sizes());
+}
+
+void check_tau(double tau) {
+  TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, "tau must be finite and > 0, got ", tau);
+}
+
+void check_on_device(const char* name, const Tensor& x, const Tensor& student) {
+  TORCH_CHECK_VALUE(x.numel() == 1, name, " must hold one element, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.device() == student.device(), name, " must be on the device of student (",
+                    student.device(), "), got ", x.device());
+}
+
+void check_target(const std::optional<Tensor>& target, const Tensor& student) {
+  if (!target.has_value()) return;
+  TORCH_CHECK_TYPE(at::isIntegralType(target->scalar_type(), /*includeBool=*/false),
+                   "target must be an integer tensor, got ", target->scalar_type());
+  std::vector<int64_t> expected{student.size(0)};
+  expected.insert(expected.end(), student.sizes().begin() + 2, student.sizes().end());
+  TORCH_CHECK_VALUE(target->sizes() == at::IntArrayRef(expected), "target must have shape ",
+                    at::IntArrayRef(expected), " (N, *spatial of student), got ", target->sizes());
+  TORCH_CHECK_VALUE(target->device() == student.device(),
+                    "target must be on the device of student (", student.device(), "), got ",
+                    target->device());
+}
+
+// Labels as int64 with mergeable spatial dims (O(pixels), C times smaller than the logits:
+// other integer dtypes are copied once).
+Tensor labels_of(const std::optional<Tensor>& target) {
+  if (!target.has_value()) return Tensor();
+  Tensor labels = target->to(at::kLong);
+  return merged_stride(labels, 1) ? labels : labels.contiguous();
+}
+
+int num_sms(const Tensor& x) {
+  return at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount;
+}
+
+Tensor workspace(size_t bytes, const Tensor& like) {
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+std::tuple<Tensor, Tensor> channel_kl_cuda(const Tensor& student, const Tensor& teacher,
+                                           double tau) {
+  check_pair(student, teacher);
+  check_tau(tau);
+  const c10::cuda::CUDAGuard device_guard(student.device());
+  const Tensor s = readable(student), t = readable(teacher);
+  const int64_t n = s.size(0), c = s.size(1);
+  const auto f32 = s.options().dtype(at::kFloat);
+  Tensor loss = at::empty({}, f32);
+  Tensor row_stats = at::empty({n * c, 3}, f32);
+
+  ChannelKLForwardParams p{};
+  p.student = s.const_data_ptr();
+  p.teacher = t.const_data_ptr();
+  p.student_strides = *row_strides(s);
+  p.teacher_strides = *row_strides(t);
+  p.n = n;
+  p.c = c;
+  p.l = s.numel() / (n * c);
+  p.dtype = dtype_of(s);
+  p.inv_tau = static_cast<float>(1.0 / tau);
+  p.loss_scale = static_cast<float>(tau * tau / static_cast<double>(n * c));
+  p.loss = loss.data_ptr<float>();
+  p.row_stats = row_stats.data_ptr<float>();
+  p.num_sms = num_sms(s);
+  const Tensor scratch = workspace(channel_kl_forward_workspace_bytes(p), s);
+  p.workspace = scratch.data_ptr();
+  C10_CUDA_CHECK(launch_channel_kl_forward(p, c10::cuda::getCurrentCUDAStream()));
+  return {loss, row_stats};
+}
+
+std::tuple<Tensor, Tensor> channel_kl_backward_cuda(const Tensor& grad_loss, const Tensor& student,
+                                                    const Tensor& teacher, const Tensor& row_stats,
+                                                    double tau, bool student_requires_grad,
+                                                    bool teacher_requires_grad) {
+  check_pair(student, teacher);
+  check_tau(tau);
+  check_on_device("grad_loss", grad_loss, student);
+  const int64_t n = student.size(0), c = student.size(1);
+  TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == n * c && row_stats.size(1) == 3,
+                    "row_stats must have shape (N*C, 3) = (", n * c, ", 3), got ", row_stats.sizes());
+  TORCH_CHECK_TYPE(row_stats.scalar_type() == at::kFloat, "row_stats must be float32, got ",
+                   row_stats.scalar_type());
+  TORCH_CHECK_VALUE(row_stats.device() == student.device(),
+                    "row_stats must be on the device of student (", student.device(), "), got ",
+                    row_stats.device());
+  const Tensor none = at::empty({0}, student.options());
+  if (!student_requires_grad && !teacher_requires_grad) return {none, none};
+
+  const c10::cuda::CUDAGuard device_guard(student.device());
+  const Tensor s = readable(student), t = readable(teacher);
+  const Tensor stats = row_stats.contiguous();
+  const Tensor g = grad_loss.to(at::kFloat).contiguous();
+  std::optional<GradOut> grad_s, grad_t;
+  if (student_requires_grad) grad_s.emplace(student);
+  if (teacher_requires_grad) grad_t.emplace(teacher);
+
+  ChannelKLBackwardParams p{};
+  p.student = s.const_data_ptr();
+  p.teacher = t.const_data_ptr();
+  p.student_strides = *row_strides(s);
+  p.teacher_strides = *row_strides(t);
+  if (grad_s) {
+    p.grad_student = grad_s->written.data_ptr();
+    p.grad_student_strides = *row_strides(grad_s->written);
+  }
+  if (grad_t) {
+    p.grad_teacher = grad_t->written.data_ptr();
+    p.grad_teacher_strides = *row_strides(grad_t->written);
+  }
+  p.n = n;
+  p.c = c;
+  p.l = s.numel() / (n * c);
+  p.dtype = dtype_of(s);
+  p.inv_tau = static_cast<float>(1.0 / tau);
+  p.tau_over_rows = static_cast<float>(tau / static_cast<double>(n * c));
+  p.grad_loss = g.const_data_ptr<float>();
+  p.row_stats = stats.const_data_ptr<float>();
+  p.num_sms = num_sms(s);
+  C10_CUDA_CHECK(launch_channel_kl_backward(p, c10::cuda::getCurrentCUDAStream()));
+  if (grad_s) grad_s->finish();
+  if (grad_t) grad_t->finish();
+  return {grad_s ? grad_s->result : none, grad_t ? grad_t->result : none};
+}
+
+std::tuple<Tensor, Tensor> pixel_kl_cuda(const Tensor& student, const Tensor& teacher,
+                                         const std::optional<Tensor>& target, int64_t ignore_index,
+                                         double tau) {
+  check_pair(student, teacher);
+  check_tau(tau);
+  check_target(target, student);
+  const c10::cuda::CUDAGuard device_guard(student.device());
+  const Tensor s = readable(student), t = readable(teacher);
+  const Tensor labels = labels_of(target);
+  const int64_t n = s.size(0), c = s.size(1);
+  Tensor loss = at::empty({}, s.options().dtype(at::kFloat));
+  Tensor num_valid = at::empty({}, s.options().dtype(at::kLong));
+
+  PixelKLForwardParams p{};
+  p.student = s.const_data_ptr();
+  p.teacher = t.const_data_ptr();
+  p.student_strides = *row_strides(s);
+  p.teacher_strides = *row_strides(t);
+  if (labels.defined()) {
+    p.target = labels.const_data_ptr<int64_t>();
+    p.target_stride_n = labels.stride(0);
+    p.target_stride_l = *merged_stride(labels, 1);
+  }
+  p.ignore_index = ignore_index;
+  p.n = n;
+  p.c = c;
+  p.l = s.numel() / (n * c);
+  p.dtype = dtype_of(s);
+  p.inv_tau = static_cast<float>(1.0 / tau);
+  p.tau_sq = static_cast<float>(tau * tau);
+  p.loss = loss.data_ptr<float>();
+  p.num_valid = num_valid.data_ptr<int64_t>();
+  p.num_sms = num_sms(s);
+  const Tensor scratch = workspace(pixel_kl_forward_workspace_bytes(p), s);
+  p.workspace = scratch.data_ptr();
+  C10_CUDA_CHECK(launch_pixel_kl_forward(p, c10::cuda::getCurrentCUDAStream()));
+  return {loss, num_valid};
+}
+
+std::tuple<Tensor, Tensor> pixel_kl_backward_cuda(const Tensor& grad_loss, const Tensor& student,
+                                                  const Tensor& teacher,
+                                                  const std::optional<Tensor>& target,
+                                                  const Tensor& num_valid, int64_t ignore_index,
+                                                  double tau, bool student_requires_grad,
+                                                  bool teacher_requires_grad) {
+  check_pair(student, teacher);
+  check_tau(tau);
+  check_target(target, student);
+  check_on_device("grad_loss", grad_loss, student);
+  check_on_device("num_valid", num_valid, student);
+  const Tensor none = at::empty({0}, student.options());
+  if (!student_requires_grad && !teacher_requires_grad) return {none, none};
+
+  const c10::cuda::CUDAGuard device_guard(student.device());
+  const Tensor s = readable(student), t = readable(teacher);
+  const Tensor labels = labels_of(target);
+  const Tensor g = grad_loss.to(at::kFloat).contiguous();
+  const Tensor count = num_valid.to(at::kLong).contiguous();
+  std::optional<GradOut> grad_s, grad_t;
+  if (student_requires_grad) grad_s.emplace(student);
+  if (teacher_requires_grad) grad_t.emplace(teacher);
+
+  PixelKLBackwardParams p{};
+  p.student = s.const_data_ptr();
+  p.teacher = t.const_data_ptr();
+  p.student_strides = *row_strides(s);
+  p.teacher_strides = *row_strides(t);
+  if (labels.defined()) {
+    p.target = labels.const_data_ptr<int64_t>();
+    p.target_stride_n = labels.stride(0);
+    p.target_stride_l = *merged_stride(labels, 1);
+  }
+  p.ignore_index = ignore_index;
+  if (grad_s) {
+    p.grad_student = grad_s->written.data_ptr();
+    p.grad_student_strides = *row_strides(grad_s->written);
+  }
+  if (grad_t) {
+    p.grad_teacher = grad_t->written.data_ptr();
+    p.grad_teacher_strides = *row_strides(grad_t->written);
+  }
+  p.n = s.size(0);
+  p.c = s.size(1);
+  p.l = s.numel() / (p.n * p.c);
+  p.dtype = dtype_of(s);
+  p.inv_tau = static_cast<float>(1.0 / tau);
+  p.tau = static_cast<float>(tau);
+  p.grad_loss = g.const_data_ptr<float>();
+  p.num_valid = count.const_data_ptr<int64_t>();
+  p.num_sms = num_sms(s);
+  C10_CUDA_CHECK(launch_pixel_kl_backward(p, c10::cuda::getCurrentCUDAStream()));
+  if (grad_s) grad_s->finish();
+  if (grad_t) grad_t->finish();
+  return {grad_s ? grad_s->result : none, grad_t ? grad_t->result : none};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace kdops
+
+TORCH_LIBRARY_IMPL(kdops, CUDA, m) {
+  m.impl("channel_kl", &kdops::cuda::channel_kl_cuda);
+  m.impl("channel_kl_backward", &kdops::cuda::channel_kl_backward_cuda);
+  m.impl("pixel_kl", &kdops::cuda::pixel_kl_cuda);
+  m.impl("pixel_kl_backward", &kdops::cuda::pixel_kl_backward_cuda);
+}

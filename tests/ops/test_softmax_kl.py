@@ -1,0 +1,410 @@
+"""The fused backends of channel_kl and pixel_kl against the float64 reference.
+
+Every fused backend that implements the ops runs here (``backend_params``): the C++ CPU
+kernels, the Triton kernels (under TRITON_INTERPRET=1 on machines without a GPU: small shapes)
+and the CUDA kernels on GPU machines. The extension's ops live in ``torch.ops.kdops``, the
+Triton ones in ``torch.ops.kdops_triton``, with the same schemas.
+"""
+import importlib
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kdops
+from kdops import backend as kd_backend
+from kdops.reference import softmax_kl as ref
+from tests.utils import LAYOUTS, TOLERANCES, backend_params, make_layout, relative_error
+
+CHANNEL_BACKENDS = backend_params("channel_kl")
+PIXEL_BACKENDS = backend_params("pixel_kl")
+CPU_ONLY = [p for p in CHANNEL_BACKENDS if p.id == "cpu-cpu"]
+
+# Small enough for the Triton interpreter (≤ 4·8·9·11 elements).
+SHAPES = [
+    pytest.param((2, 3, 5, 7), id="odd-5x7"),
+    pytest.param((1, 1, 4, 4), id="N1-C1"),
+    pytest.param((2, 4, 1, 1), id="L1"),
+    pytest.param((3, 5, 1, 9), id="H1"),
+    pytest.param((4, 8, 9, 11), id="4x8x9x11"),
+]
+# CPU only: rows longer than one work chunk (8192) with a ragged tail; more channels than one
+# SIMD vector in the channels_last path; many small rows.
+LARGE_SHAPES = [
+    pytest.param((1, 3, 100, 171), id="long-rows-L17100"),
+    pytest.param((2, 40, 6, 7), id="C40"),
+    pytest.param((3, 19, 33, 65), id="cityscapes-like"),
+]
+TAUS = [pytest.param(0.5, id="tau0.5"), pytest.param(4.0, id="tau4")]
+
+
+def ops(backend):
+    """The op namespace of a fused backend (same schemas in both)."""
+    if backend == "triton":
+        importlib.import_module("kdops.triton.softmax_kl")
+        return torch.ops.kdops_triton
+    return torch.ops.kdops
+
+
+def make_pair(shape, dtype, layout, device, seed=0):
+    """Student and teacher logits in `dtype` and `layout` (the values rounded to dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    s = (2 * torch.randn(shape, generator=g)).to(dtype)
+    t = (2 * torch.randn(shape, generator=g)).to(dtype)
+    return make_layout(s.to(device), layout), make_layout(t.to(device), layout)
+
+
+def make_target(shape, device, ignored=0.3, seed=1, dtype=torch.int64):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+    target[torch.rand(target.shape, generator=g) < ignored] = 255
+    return target.to(device=device, dtype=dtype)
+
+
+def layouts_for(shape):
+    return [layout for layout in LAYOUTS if layout != "channels_last" or len(shape) == 4]
+
+
+def reference_loss_and_grads(op, s, t, tau, **kwargs):
+    """The reference loss and gradients, evaluated in float64 on the same (rounded) values."""
+    s64 = s.detach().double().cpu().requires_grad_(True)
+    t64 = t.detach().double().cpu().requires_grad_(True)
+    if kwargs.get("target") is not None:
+        kwargs["target"] = kwargs["target"].cpu()
+    loss = getattr(ref, op)(s64, t64, tau, **kwargs)
+    grad_s, grad_t = torch.autograd.grad(loss, (s64, t64))
+    return loss.detach(), grad_s, grad_t
+
+
+def gradient_unit(op, s, tau, target=None, ignore_index=255):
+    """The largest magnitude a gradient element can reach, τ/(N·C) or τ/#valid pixels
+    (|q − p| ≤ 1): the scale for elements whose exact gradient is 0 (rows of one element)."""
+    if op == "channel_kl":
+        return tau / (s.shape[0] * s.shape[1])
+    valid = s[:, 0].numel() if target is None else int((target != ignore_index).sum())
+    return tau / max(valid, 1)
+
+
+def assert_grad_close(got, expected, tol, name, unit):
+    """Relative-norm error, and every element within tol of the gradient's scale (no element left
+    unwritten or wrong where the norm would hide it)."""
+    assert got is not None, f"no gradient for {name}"
+    assert got.shape == expected.shape
+    assert torch.isfinite(got).all(), f"{name} gradient has non-finite values"
+    assert relative_error(got, expected) <= tol, f"{name}: {relative_error(got, expected):.3g} > {tol}"
+    scale = max(expected.abs().max().item(), unit)
+    worst = (got.double().cpu() - expected).abs().max().item()
+    assert worst <= tol * scale, f"{name}: max element error {worst:.3g} vs scale {scale:.3g}"
+
+
+def check_against_reference(op, backend, s, t, tau, loss_tol, grad_tol, **kwargs):
+    s = s.detach().requires_grad_(True)
+    t = t.detach().requires_grad_(True)
+    loss = getattr(kdops, op)(s, t, tau, **kwargs, backend=backend)
+    expected, grad_s_ref, grad_t_ref = reference_loss_and_grads(op, s, t, tau, **kwargs)
+    assert loss.dim() == 0
+    assert loss.dtype == (torch.float64 if s.dtype == torch.float64 else torch.float32)
+    assert relative_error(loss, expected) <= loss_tol, (loss.item(), expected.item())
+    grad_s, grad_t = torch.autograd.grad(loss, (s, t))
+    assert grad_s.dtype == s.dtype and grad_t.dtype == t.dtype
+    unit = gradient_unit(op, s, tau, **kwargs)
+    assert_grad_close(grad_s, grad_s_ref, grad_tol, "student", unit)
+    assert_grad_close(grad_t, grad_t_ref, grad_tol, "teacher", unit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and gradients against the reference
+
+
+@pytest.mark.parametrize("device,backend", CHANNEL_BACKENDS)
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", TOLERANCES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_channel_kl_matches_reference(device, backend, dtype, loss_tol, grad_tol, shape):
+    for layout in layouts_for(shape):
+        s, t = make_pair(shape, dtype, layout, device)
+        check_against_reference("channel_kl", backend, s, t, 1.0, loss_tol, grad_tol)
+
+
+@pytest.mark.parametrize("device,backend", PIXEL_BACKENDS)
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", TOLERANCES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_target", [False, True], ids=["no-target", "target"])
+def test_pixel_kl_matches_reference(device, backend, dtype, loss_tol, grad_tol, shape, with_target):
+    target = make_target(shape, device) if with_target else None
+    for layout in layouts_for(shape):
+        s, t = make_pair(shape, dtype, layout, device)
+        check_against_reference("pixel_kl", backend, s, t, 1.0, loss_tol, grad_tol, target=target)
+
+
+@pytest.mark.parametrize("device,backend", CHANNEL_BACKENDS)
+@pytest.mark.parametrize("tau", TAUS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_channel_kl_tau(device, backend, tau, layout):
+    s, t = make_pair((2, 3, 5, 7), torch.float32, layout, device, seed=2)
+    check_against_reference("channel_kl", backend, s, t, tau, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("device,backend", PIXEL_BACKENDS)
+@pytest.mark.parametrize("tau", TAUS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_pixel_kl_tau(device, backend, tau, layout):
+    s, t = make_pair((2, 3, 5, 7), torch.float32, layout, device, seed=3)
+    target = make_target((2, 3, 5, 7), device)
+    check_against_reference("pixel_kl", backend, s, t, tau, 1e-5, 1e-5, target=target)
+
+
+@pytest.mark.parametrize("device,backend", CPU_ONLY)
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", TOLERANCES)
+@pytest.mark.parametrize("shape", LARGE_SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_shapes_cpu(device, backend, dtype, loss_tol, grad_tol, shape, layout):
+    s, t = make_pair(shape, dtype, layout, device, seed=4)
+    check_against_reference("channel_kl", backend, s, t, 2.0, loss_tol, grad_tol)
+    target = make_target(shape, device, seed=5)
+    check_against_reference("pixel_kl", backend, s, t, 2.0, loss_tol, grad_tol, target=target)
+
+
+@pytest.mark.parametrize("device,backend", PIXEL_BACKENDS)
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32, torch.uint8])
+def test_pixel_kl_label_dtypes(device, backend, label_dtype):
+    s, t = make_pair((2, 3, 5, 7), torch.float32, "contiguous", device, seed=6)
+    target = make_target((2, 3, 5, 7), device, dtype=label_dtype)
+    check_against_reference("pixel_kl", backend, s, t, 1.0, 1e-5, 1e-5, target=target)
+
+
+@pytest.mark.parametrize("device,backend", PIXEL_BACKENDS)
+def test_pixel_kl_ignore_index_other_than_255(device, backend):
+    s, t = make_pair((2, 3, 5, 7), torch.float32, "contiguous", device, seed=7)
+    target = make_target((2, 3, 5, 7), device)
+    target[target == 255] = -1
+    check_against_reference("pixel_kl", backend, s, t, 1.0, 1e-5, 1e-5, target=target, ignore_index=-1)
+
+
+@pytest.mark.parametrize("device,backend", PIXEL_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_pixel_kl_all_pixels_ignored(device, backend, layout):
+    s, t = make_pair((2, 3, 5, 7), torch.float32, layout, device)
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    target = torch.full((2, 5, 7), 255, device=device)
+    loss = kdops.pixel_kl(s, t, 1.0, target, backend=backend)
+    assert loss.item() == 0.0
+    grad_s, grad_t = torch.autograd.grad(loss, (s, t))
+    assert torch.equal(grad_s, torch.zeros_like(grad_s))
+    assert torch.equal(grad_t, torch.zeros_like(grad_t))
+    _, num_valid = ops(backend).pixel_kl(s, t, target, 255, 1.0)
+    assert int(num_valid) == 0
+
+
+@pytest.mark.parametrize("device,backend", CHANNEL_BACKENDS)
+def test_identical_inputs_give_zero(device, backend):
+    """s = t: every KL term vanishes exactly in the one-pass form (no cancellation)."""
+    s, _ = make_pair((2, 3, 5, 7), torch.float32, "contiguous", device)
+    assert abs(kdops.channel_kl(s, s.clone(), 2.0, backend=backend).item()) <= 1e-7
+    assert abs(kdops.pixel_kl(s, s.clone(), 2.0, backend=backend).item()) <= 1e-7
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops: saved statistics, gradients not requested, what autograd saves
+
+
+@pytest.mark.parametrize("device,backend", CHANNEL_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_channel_kl_row_stats(device, backend, layout):
+    s, t = make_pair((2, 3, 5, 7), torch.float32, layout, device)
+    tau = 2.0
+    loss, row_stats = ops(backend).channel_kl(s, t, tau)
+    assert row_stats.shape == (6, 3) and row_stats.dtype == torch.float32
+    xs = s.double().cpu().reshape(6, -1) / tau
+    xt = t.double().cpu().reshape(6, -1) / tau
+    lse_s, lse_t = xs.logsumexp(1), xt.logsumexp(1)
+    log_p, log_q = xt - lse_t[:, None], xs - lse_s[:, None]
+    kl = (log_p.exp() * (log_p - log_q)).sum(1)
+    assert relative_error(row_stats[:, 0], lse_s) <= 1e-6
+    assert relative_error(row_stats[:, 1], lse_t) <= 1e-6
+    assert relative_error(row_stats[:, 2], kl) <= 1e-5
+    assert relative_error(loss, kl.sum() * tau * tau / 6) <= 1e-5
+
+
+@pytest.mark.parametrize("device,backend", PIXEL_BACKENDS)
+def test_pixel_kl_num_valid(device, backend):
+    s, t = make_pair((2, 3, 5, 7), torch.float32, "contiguous", device)
+    target = make_target((2, 3, 5, 7), device)
+    _, num_valid = ops(backend).pixel_kl(s, t, target, 255, 1.0)
+    assert num_valid.dim() == 0 and int(num_valid) == int((target != 255).sum())
+    _, num_valid = ops(backend).pixel_kl(s, t, None, 255, 1.0)
+    assert int(num_valid) == 2 * 5 * 7
+
+
+class BackwardCalls(TorchDispatchMode):
+    """Records the calls of the backward ops: their requires_grad flags and outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.split(".")[0] in ("channel_kl_backward", "pixel_kl_backward"):
+            self.calls.append((args[-2], args[-1], out))
+        return out
+
+
+@pytest.mark.parametrize("device,backend", CHANNEL_BACKENDS)
+@pytest.mark.parametrize("op", ["channel_kl", "pixel_kl"])
+@pytest.mark.parametrize("wanted", ["student", "teacher"])
+def test_one_gradient_requested(device, backend, op, wanted):
+    s, t = make_pair((2, 3, 5, 7), torch.float32, "contiguous", device)
+    s.requires_grad_(wanted == "student")
+    t.requires_grad_(wanted == "teacher")
+    loss = getattr(kdops, op)(s, t, 1.0, backend=backend)
+    _, grad_s_ref, grad_t_ref = reference_loss_and_grads(op, s, t, 1.0)
+    with BackwardCalls() as mode:
+        loss.backward()
+    (student_flag, teacher_flag, (grad_s, grad_t)), = mode.calls
+    assert (student_flag, teacher_flag) == (wanted == "student", wanted == "teacher")
+    if wanted == "student":
+        assert grad_t.numel() == 0 and t.grad is None
+        assert_grad_close(s.grad, grad_s_ref, 1e-5, "student", gradient_unit(op, s, 1.0))
+    else:
+        assert grad_s.numel() == 0 and s.grad is None
+        assert_grad_close(t.grad, grad_t_ref, 1e-5, "teacher", gradient_unit(op, s, 1.0))
+
+
+@pytest.mark.parametrize("device,backend", CHANNEL_BACKENDS)
+@pytest.mark.parametrize("op", ["channel_kl", "pixel_kl"])
+def test_saves_only_inputs_and_row_statistics(device, backend, op):
+    shape = (2, 3, 5, 7)
+    s, t = make_pair(shape, torch.float32, "contiguous", device)
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    saved = []
+
+    def pack(x):
+        saved.append(x)
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = getattr(kdops, op)(s, t, 1.0, backend=backend)
+    loss.backward()
+    assert saved, "nothing saved for backward"
+    rows = shape[0] * shape[1]
+    for x in saved:
+        is_input = x.data_ptr() in (s.data_ptr(), t.data_ptr()) and x.shape == s.shape
+        assert is_input or x.numel() <= 3 * rows, f"saved a tensor of shape {tuple(x.shape)}"
+
+
+@pytest.mark.parametrize("device,backend", CPU_ONLY)
+def test_same_result_for_any_thread_count(device, backend):
+    s, t = make_pair((2, 19, 33, 65), torch.float32, "contiguous", device)
+    target = make_target((2, 19, 33, 65), device)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            a = s.detach().requires_grad_(True)
+            b = t.detach().requires_grad_(True)
+            losses = (kdops.channel_kl(a, b, 2.0, backend=backend),
+                      kdops.pixel_kl(a, b, 2.0, target, backend=backend))
+            results.append(losses + torch.autograd.grad(sum(losses), (a, b)))
+    finally:
+        torch.set_num_threads(threads)
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: opcheck, torch.compile, gradcheck, backend errors
+
+
+def opcheck_cases(device, layout):
+    shape = (2, 3, 5, 7)
+    s, t = make_pair(shape, torch.float32, layout, device)
+    target = make_target(shape, device)
+    return s, t, target
+
+
+@pytest.mark.parametrize("device,backend", CHANNEL_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_opcheck(device, backend, layout):
+    s, t, target = opcheck_cases(device, layout)
+    namespace = ops(backend)
+    grad = torch.tensor(1.5, device=device)
+    _, row_stats = namespace.channel_kl(s, t, 2.0)
+    _, num_valid = namespace.pixel_kl(s, t, target, 255, 2.0)
+    s_grad = s.detach().requires_grad_(True)
+    t_grad = t.detach().requires_grad_(True)
+    cases = [
+        (namespace.channel_kl.default, (s_grad, t_grad, 2.0)),
+        (namespace.pixel_kl.default, (s_grad, t_grad, target, 255, 2.0)),
+        (namespace.pixel_kl.default, (s_grad, t, None, 255, 0.5)),
+    ]
+    for flags in [(True, True), (True, False), (False, True)]:
+        cases.append((namespace.channel_kl_backward.default, (grad, s, t, row_stats, 2.0, *flags)))
+        cases.append(
+            (namespace.pixel_kl_backward.default, (grad, s, t, target, num_valid, 255, 2.0, *flags))
+        )
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device,backend", CHANNEL_BACKENDS)
+@pytest.mark.parametrize("op", ["channel_kl", "pixel_kl"])
+def test_compile_fullgraph(device, backend, op):
+    s, t = make_pair((2, 3, 5, 7), torch.float32, "contiguous", device)
+    target = make_target((2, 3, 5, 7), device)
+    kwargs = {"target": target} if op == "pixel_kl" else {}
+
+    def loss_fn(a, b):
+        return 2.0 * getattr(kdops, op)(a, b, 2.0, **kwargs, backend=backend)
+
+    counter = CompileCounter()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=counter)
+    results = []
+    for fn in (loss_fn, compiled):
+        a = s.detach().requires_grad_(True)
+        b = t.detach().requires_grad_(True)
+        loss = fn(a, b)
+        results.append((loss,) + torch.autograd.grad(loss, (a, b)))
+    assert counter.frame_count == 1
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager)
+
+
+@pytest.mark.parametrize("device,backend", CPU_ONLY)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradcheck_float64(device, backend, layout):
+    s, t = make_pair((2, 3, 4, 5), torch.float64, layout, device)
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    target = make_target((2, 3, 4, 5), device)
+    assert torch.autograd.gradcheck(lambda a, b: kdops.channel_kl(a, b, 0.5, backend=backend), (s, t))
+    assert torch.autograd.gradcheck(
+        lambda a, b: kdops.pixel_kl(a, b, 2.0, target, backend=backend), (s, t)
+    )
+
+
+@pytest.mark.parametrize("op", ["channel_kl", "pixel_kl"])
+def test_cuda_backend_on_cpu_tensors_says_why(op):
+    s, t = make_pair((2, 3, 5, 7), torch.float32, "contiguous", "cpu")
+    with pytest.raises(kd_backend.BackendUnavailableError, match="runs on cuda tensors"):
+        getattr(kdops, op)(s, t, backend="cuda")
+
+
+@pytest.mark.parametrize("device,backend", CPU_ONLY)
+def test_op_argument_errors(device, backend):
+    s, t = make_pair((2, 3, 5, 7), torch.float32, "contiguous", device)
+    with pytest.raises(ValueError, match="teacher"):
+        torch.ops.kdops.channel_kl(s, t[:, :2], 1.0)
+    with pytest.raises(TypeError, match="teacher"):
+        torch.ops.kdops.channel_kl(s, t.half(), 1.0)
+    with pytest.raises(ValueError, match="tau"):
+        torch.ops.kdops.channel_kl(s, t, 0.0)
+    with pytest.raises(ValueError, match="row_stats"):
+        torch.ops.kdops.channel_kl_backward(torch.tensor(1.0), s, t, torch.zeros(5, 3), 1.0, True, True)
+    with pytest.raises(ValueError, match="target"):
+        torch.ops.kdops.pixel_kl(s, t, torch.zeros(2, 5, 6, dtype=torch.long), 255, 1.0)
+    with pytest.raises(TypeError, match="target"):
+        torch.ops.kdops.pixel_kl(s, t, torch.zeros(2, 5, 7), 255, 1.0)
