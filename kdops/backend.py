@@ -152,6 +152,9 @@ def _auto_order(op: str, device_type: str) -> tuple[str, ...]:
     return ("reference",)
 
 
+# Resolution reads the environment and the dispatcher, never tensors: torch.compile runs it
+# once while tracing and bakes the chosen backend into the graph.
+@torch.compiler.assume_constant_result
 def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
     """The backend that runs ``op`` for tensors on ``device`` with ``dtype``.
 
