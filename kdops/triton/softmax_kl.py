@@ -5,7 +5,7 @@ over: the L positions of one (n, c) for ``channel_kl``, the C channels of one pi
 ``pixel_kl``. With s' = s/τ, t' = t/τ, q = softmax(s'), p = softmax(t'):
 
     KL(p‖q) = Σ p (t' − s') − (lse(t') − lse(s'))
-            = A / Σ exp(t' − m_t) − (lse(t') − lse(s')),   A = Σ exp(t' − m_t) (t' − s'),
+            = A / Σ exp(t' − m_t) − (lse(t') − lse(s')),  A = Σ exp(t' − m_t)(t' − s'),
 
 so the running (max m, Σ exp(x − m)) of s' and of t' and the cross term A, all merged online,
 give the KL of a row from ONE read of s and t. Backward, with the row's lse and KL:
@@ -97,10 +97,11 @@ def _kl_from_stats(m_s, sum_s, m_t, sum_t, cross):
 
 @triton.jit
 def _kl_grads(s2, t2, lse2_s, lse2_t, kl, coef):
-    """coef·∂KL/∂s' and coef·∂KL/∂t' from base-2 logits, base-2 lse and the natural-unit KL.
+    """coef·∂KL/∂s' and coef·∂KL/∂t' from base-2 logits and lse and the natural-unit KL.
 
-    ∂KL/∂s' = q − p,  ∂KL/∂t' = p (log p − log q − KL),  log p − log q = ln2·((t2 − s2) −
-    (lse2_t − lse2_s)). A result the caller does not store is removed by the compiler.
+    ∂KL/∂s' = q − p,  ∂KL/∂t' = p (log p − log q − KL),
+    log p − log q = ln2·((t2 − s2) − (lse2_t − lse2_s)).
+    A result the caller does not store is removed by the compiler.
     """
     q = tl.exp2(s2 - lse2_s)
     p = tl.exp2(t2 - lse2_t)
@@ -128,7 +129,8 @@ def _load_pixel_chunk(
 
 @triton.jit
 def _pixel_chunk_stats(s2, t2, channel_mask):
-    """Per pixel of a chunk: (max, Σexp2(· − max)) of s2 and of t2, and Σ exp2(t2 − max_t)(t2 − s2).
+    """Per pixel of a chunk: (max, Σexp2(· − max)) of s2 and of t2, and the cross term
+    Σ exp2(t2 − max_t)(t2 − s2).
 
     Channels past C hold 0 in s2 and t2 (a finite cross term) and count as −inf in the max
     and sums; every chunk has a channel below C, so every pixel's statistics are finite
@@ -174,7 +176,7 @@ def _pixel_stats(
 
 @triton.jit
 def _valid_pixels(target_ptr, target_offsets, pixel_mask, ignore_index, HAS_TARGET: tl.constexpr):
-    """Pixels of the tile that count: in range, and with a label ≠ ignore_index if there is a target."""
+    """Pixels of the tile that count: in range, and labelled ≠ ignore_index given a target."""
     if HAS_TARGET:
         labels = tl.load(target_ptr + target_offsets, mask=pixel_mask, other=0)
         return pixel_mask & (labels.to(tl.int64) != ignore_index)
@@ -240,8 +242,8 @@ def _channel_kl_partials_kernel(
         positions = block * BLOCK_L + tl.arange(0, BLOCK_L)
         mask = row_mask[:, None] & (positions < L)[None, :]
         positions = positions.to(tl.int64)
-        s2 = tl.load(s_ptr + s_rows[:, None] + positions[None, :] * s_stride_l, mask=mask, other=0.0)
-        t2 = tl.load(t_ptr + t_rows[:, None] + positions[None, :] * t_stride_l, mask=mask, other=0.0)
+        s2 = tl.load(s_ptr + s_rows[:, None] + positions[None, :] * s_stride_l, mask=mask, other=0.)
+        t2 = tl.load(t_ptr + t_rows[:, None] + positions[None, :] * t_stride_l, mask=mask, other=0.)
         s2 = s2.to(tl.float32) * log2e_over_tau
         t2 = t2.to(tl.float32) * log2e_over_tau
         m_s, sum_s, _, _ = _online_add(m_s, sum_s, s2, mask)
@@ -311,10 +313,11 @@ def _channel_kl_backward_kernel(
     BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
     STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
 ):
-    """channel_kl backward: grad_s = g·τ/(N·C)·(q − p), grad_t = g·τ/(N·C)·p(log p − log q − KL).
+    """channel_kl backward: with k = g·τ/(N·C), grad_s = k·(q − p) and
+    grad_t = k·p(log p − log q − KL).
 
-    Elementwise given row_stats: the same (row tile, split) grid as the forward, one more read
-    of s and t, each requested gradient written once.
+    Elementwise given row_stats: the forward's row tiles, each row cut into runs of a few tiles
+    (one program per run), one more read of s and t, each requested gradient written once.
     """
     pid = tl.program_id(0)
     split = pid % splits
@@ -372,9 +375,11 @@ def _pixel_kl_forward_kernel(
         target_ptr, n * target_stride_n + positions * target_stride_l, pixel_mask, ignore_index,
         HAS_TARGET,
     )
+    s_pixels = n * s_stride_n + positions * s_stride_l
+    t_pixels = n * t_stride_n + positions * t_stride_l
     m_s, sum_s, m_t, sum_t, cross = _pixel_stats(
-        s_ptr, t_ptr, n * s_stride_n + positions * s_stride_l, n * t_stride_n + positions * t_stride_l,
-        s_stride_c, t_stride_c, C, pixel_mask, log2e_over_tau, BLOCK_P, BLOCK_C,
+        s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, C, pixel_mask, log2e_over_tau,
+        BLOCK_P, BLOCK_C,
     )
     _, _, kl2 = _kl_from_stats(m_s, sum_s, m_t, sum_t, cross)
     tl.store(kl_partials_ptr + pid, tl.sum(tl.where(valid, kl2, 0.0), 0) * _LN2)
@@ -393,8 +398,8 @@ def _pixel_kl_backward_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NUM_C_CHUNKS: tl.constexpr,
 ):
     """pixel_kl backward on the forward's tiles: recompute each pixel's softmaxes (rows are
-    short), then grad_s = g·τ/max(V, 1)·(q − p), grad_t = g·τ/max(V, 1)·p(log p − log q − KL)
-    at valid pixels and 0 elsewhere. When C fits one chunk the tile is read once."""
+    short), then with k = g·τ/max(V, 1): grad_s = k·(q − p), grad_t = k·p(log p − log q −
+    KL) at valid pixels and 0 elsewhere. When C fits one chunk the tile is read once."""
     pid = tl.program_id(0)
     n = (pid // num_p_tiles).to(tl.int64)
     positions = (pid % num_p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -453,7 +458,9 @@ _MAX_BLOCK_C = 256           # pixel_kl: more channels than this are looped over
 
 def _check_kernel_dtype(name: str, x: torch.Tensor) -> None:
     if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"{name}: the Triton kernels take float32, float16 or bfloat16, got {x.dtype}")
+        raise TypeError(
+            f"{name}: the Triton kernels take float32, float16 or bfloat16, got {x.dtype}"
+        )
 
 
 def _new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -470,20 +477,28 @@ def _flatten(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
-def _grad_buffer(flat: torch.Tensor, needed: bool) -> torch.Tensor:
-    """The (N, C, L) gradient of ``flat``, channels-last when ``flat`` is (stride 1 over C),
-    contiguous otherwise; an empty (0,) tensor when the gradient is not requested."""
+def _grad_buffers(x: torch.Tensor, needed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradient of x shaped like x, its (N, C, L) view that the kernel writes).
+
+    Channels-last when x is (stride 1 over C, as the autograd engine likes a gradient laid
+    out like its input), contiguous otherwise; an empty (0,) tensor, twice, when the gradient
+    is not requested.
+    """
     if not needed:
-        return flat.new_empty(0)
+        empty = x.new_empty(0)
+        return empty, empty
+    flat = _flatten(x)
     n, c, length = flat.shape
     if flat.stride(1) == 1 and flat.stride(2) != 1:
-        return _new_buffer((n, length, c), flat.dtype, flat.device).permute(0, 2, 1)
-    return _new_buffer((n, c, length), flat.dtype, flat.device)
+        grad_flat = _new_buffer((n, length, c), x.dtype, x.device).permute(0, 2, 1)
+    else:
+        grad_flat = _new_buffer((n, c, length), x.dtype, x.device)
+    return grad_flat.view(x.shape), grad_flat
 
 
-def _strides(flat: torch.Tensor) -> tuple[int, int, int]:
-    """(n, c, l) strides; zeros for an empty, unused gradient buffer."""
-    return tuple(flat.stride()) if flat.dim() == 3 else (0, 0, 0)
+def _strides(grad_flat: torch.Tensor) -> tuple[int, int, int]:
+    """(n, c, l) strides of a gradient buffer; zeros for an unused, empty one."""
+    return tuple(grad_flat.stride()) if grad_flat.dim() == 3 else (0, 0, 0)
 
 
 def _device_guard(x: torch.Tensor):
@@ -590,8 +605,8 @@ def _channel_kl_backward(
     """(grad_student, grad_teacher), each shaped like its input or empty when not requested."""
     s, t = _flatten(student), _flatten(teacher)
     n, c, length = s.shape
-    grad_s = _grad_buffer(s, student_requires_grad)
-    grad_t = _grad_buffer(t, teacher_requires_grad)
+    grad_student, grad_s = _grad_buffers(student, student_requires_grad)
+    grad_teacher, grad_t = _grad_buffers(teacher, teacher_requires_grad)
     if student_requires_grad or teacher_requires_grad:
         tiling = _row_tiling(s, t, backward=True)
         with _device_guard(s):
@@ -604,11 +619,7 @@ def _channel_kl_backward(
                 STUDENT_GRAD=student_requires_grad, TEACHER_GRAD=teacher_requires_grad,
                 num_warps=tiling.num_warps,
             )
-    return _unflatten(grad_s, student), _unflatten(grad_t, teacher)
-
-
-def _unflatten(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return grad.view(like.shape) if grad.numel() else grad
+    return grad_student, grad_teacher
 
 
 @dataclass(frozen=True)
@@ -688,8 +699,8 @@ def _pixel_kl_backward(
     """(grad_student, grad_teacher), each shaped like its input or empty when not requested."""
     s, t = _flatten(student), _flatten(teacher)
     n, c, length = s.shape
-    grad_s = _grad_buffer(s, student_requires_grad)
-    grad_t = _grad_buffer(t, teacher_requires_grad)
+    grad_student, grad_s = _grad_buffers(student, student_requires_grad)
+    grad_teacher, grad_t = _grad_buffers(teacher, teacher_requires_grad)
     if student_requires_grad or teacher_requires_grad:
         tiling = _pixel_tiling(c, length, s.element_size())
         target_flat, target_stride_n, target_stride_l = _target_args(target, n)
@@ -704,7 +715,7 @@ def _pixel_kl_backward(
                 BLOCK_C=tiling.block_c, NUM_C_CHUNKS=tiling.num_c_chunks,
                 num_warps=tiling.num_warps,
             )
-    return _unflatten(grad_s, student), _unflatten(grad_t, teacher)
+    return grad_student, grad_teacher
 
 
 # ---------------------------------------------------------------------------------------------
@@ -750,15 +761,16 @@ _pixel_kl_backward_op = torch.library.custom_op(
 
 def _fake_grads(student, teacher, student_requires_grad, teacher_requires_grad):
     return (
-        _unflatten(_grad_buffer(_flatten(student), student_requires_grad), student),
-        _unflatten(_grad_buffer(_flatten(teacher), teacher_requires_grad), teacher),
+        _grad_buffers(student, student_requires_grad)[0],
+        _grad_buffers(teacher, teacher_requires_grad)[0],
     )
 
 
 @_channel_kl_op.register_fake
 def _(student, teacher, tau):
     rows = student.shape[0] * student.shape[1]
-    return student.new_empty((), dtype=torch.float32), student.new_empty((rows, 3), dtype=torch.float32)
+    loss = student.new_empty((), dtype=torch.float32)
+    return loss, student.new_empty((rows, 3), dtype=torch.float32)
 
 
 @_channel_kl_backward_op.register_fake
@@ -813,7 +825,9 @@ def _pixel_kl_autograd_backward(ctx, grad_loss, _grad_num_valid):
     return (grad_s if need_student else None, grad_t if need_teacher else None, None, None, None)
 
 
-_channel_kl_op.register_autograd(_channel_kl_autograd_backward, setup_context=_channel_kl_setup_context)
+_channel_kl_op.register_autograd(
+    _channel_kl_autograd_backward, setup_context=_channel_kl_setup_context
+)
 _pixel_kl_op.register_autograd(_pixel_kl_autograd_backward, setup_context=_pixel_kl_setup_context)
 
 
@@ -823,7 +837,8 @@ _pixel_kl_op.register_autograd(_pixel_kl_autograd_backward, setup_context=_pixel
 
 
 def channel_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
-    """τ² · Σ_{n,c} KL(softmax_L(t/τ) ‖ softmax_L(s/τ)) / (N·C), a float32 scalar, with autograd."""
+    """τ² · Σ_{n,c} KL(softmax_L(t/τ) ‖ softmax_L(s/τ)) / (N·C): a float32 scalar, with
+    autograd."""
     return torch.ops.kdops_triton.channel_kl(student, teacher, tau)[0]
 
 

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -96,10 +97,12 @@ def assert_matches(loss, student, teacher, expected, loss_tol, grad_tol):
 
 CHANNEL_CASES = [
     pytest.param((2, 3, 5, 7), ("contiguous",) * 2, 1.0, {}, id="odd-2x3x5x7"),
-    pytest.param((2, 3, 15, 20), ("contiguous",) * 2, 2.5, {"channel_block_l": 64}, id="L300-5-blocks"),
     pytest.param(
-        (2, 3, 15, 20), ("contiguous",) * 2, 0.5, {"channel_block_l": 32, "channel_splits": 3},
-        id="L300-3-splits",
+        (1, 2, 15, 20), ("contiguous",) * 2, 2.5, {"channel_block_l": 64}, id="L300-5-blocks"
+    ),
+    pytest.param(
+        (1, 2, 15, 20), ("contiguous",) * 2, 0.5, {"channel_block_l": 32, "channel_splits": 3},
+        id="L300-3-splits-of-4-4-2-blocks",
     ),
     pytest.param((2, 5, 5, 7), ("channels_last",) * 2, 1.0, {}, id="channels-last"),
     pytest.param(
@@ -132,7 +135,10 @@ def test_channel_kl_matches_reference(
 
 @pytest.mark.parametrize(
     "launch",
-    [pytest.param({}, id="one-split"), pytest.param({"channel_block_l": 16, "channel_splits": 3}, id="3-splits")],
+    [
+        pytest.param({}, id="one-split"),
+        pytest.param({"channel_block_l": 16, "channel_splits": 3}, id="3-splits"),
+    ],
 )
 def test_channel_kl_row_stats(device, monkeypatch, launch):
     """row_stats = per row (n, c) [lse(s/τ), lse(t/τ), KL], against float64."""
@@ -164,10 +170,17 @@ PIXEL_CASES = [
         (2, 10, 5, 7), ("channels_last",) * 2, 1.0, (255, torch.uint8),
         {"pixel_block_p": 16, "pixel_block_c": 4}, id="channels-last-chunks-uint8",
     ),
-    pytest.param((2, 5, 5, 7), ("channels_last",) * 2, 1.0, (-1, torch.int32), {}, id="channels-last-ignore-1"),
-    pytest.param((2, 3, 5, 7), ("channels_last", "strided"), 1.0, (255, torch.int64), {}, id="mixed-layouts"),
+    pytest.param(
+        (2, 5, 5, 7), ("channels_last",) * 2, 1.0, (-1, torch.int32), {},
+        id="channels-last-ignore-minus-1",
+    ),
+    pytest.param(
+        (2, 3, 5, 7), ("channels_last", "strided"), 1.0, (255, torch.int64), {}, id="mixed-layouts"
+    ),
     pytest.param((2, 3, 5, 7), ("strided",) * 2, 3.0, None, {}, id="strided"),
-    pytest.param((2, 3, 5, 7), ("h-slice", "contiguous"), 1.0, (255, torch.int64), {}, id="unmergeable-copy"),
+    pytest.param(
+        (2, 3, 5, 7), ("h-slice", "contiguous"), 1.0, (255, torch.int64), {}, id="unmergeable-copy"
+    ),
     pytest.param((3, 1, 4, 6), ("contiguous",) * 2, 1.0, (255, torch.int64), {}, id="C1"),
     pytest.param((2, 4, 1, 1), ("contiguous",) * 2, 1.0, None, {}, id="L1"),
     pytest.param((1, 4, 9), ("contiguous",) * 2, 1.0, (0, torch.int64), {}, id="3d-N1-ignore-0"),
@@ -242,7 +255,9 @@ def test_only_requested_gradient(device, op, wanted):
 
 
 @pytest.mark.parametrize("op", ["channel_kl", "pixel_kl"])
-@pytest.mark.parametrize("flags", [(True, False), (False, True), (False, False)], ids=["s", "t", "none"])
+@pytest.mark.parametrize(
+    "flags", [(True, False), (False, True), (False, False)], ids=["student", "teacher", "none"]
+)
 def test_backward_op_skips_unrequested_gradient(device, op, flags):
     """The backward ops return an empty tensor (numel 0) for a gradient not asked for."""
     student, teacher = make_pair((2, 3, 5, 7), torch.float32, device)
@@ -253,7 +268,9 @@ def test_backward_op_skips_unrequested_gradient(device, op, flags):
         grads = OPS.channel_kl_backward(grad_loss, student, teacher, row_stats, 1.5, *flags)
     else:
         _, num_valid = OPS.pixel_kl(student, teacher, None, 255, 1.5)
-        grads = OPS.pixel_kl_backward(grad_loss, student, teacher, None, num_valid, 255, 1.5, *flags)
+        grads = OPS.pixel_kl_backward(
+            grad_loss, student, teacher, None, num_valid, 255, 1.5, *flags
+        )
     for grad, wanted, x in zip(grads, flags, (student, teacher)):
         assert grad.shape == (x.shape if wanted else (0,))
         assert torch.isfinite(grad).all()
@@ -268,7 +285,7 @@ def test_poison_hook_fills_with_nan(device):
 
 @pytest.mark.parametrize("op", ["channel_kl", "pixel_kl"])
 def test_deterministic(device, monkeypatch, op):
-    set_launch(monkeypatch, channel_block_l=8, channel_splits=3, pixel_block_p=8)
+    set_launch(monkeypatch, channel_block_l=16, channel_splits=2, pixel_block_p=16)
     runs = []
     for _ in range(2):
         student, teacher = make_pair((2, 3, 5, 7), torch.float32, device)
@@ -334,16 +351,18 @@ def test_compile_fullgraph():
 
 
 @pytest.mark.needs_cuda
-def test_int64_offsets():
+def test_int64_offsets(monkeypatch):
     """Offsets past 2^31 elements: the rows and pixels of a 3·2^30-element input, checked
-    against the same rows and pixels computed from small copies."""
+    against the same rows and pixels computed from small copies (with the same splits, so
+    the row statistics differ only by the merge's summation order)."""
+    set_launch(monkeypatch, channel_splits=64)
     length = 2**30
     generator = torch.Generator(device="cuda").manual_seed(0)
     student = torch.randn((1, 3, length), generator=generator, device="cuda", dtype=torch.float16)
     teacher = torch.randn((1, 3, length), generator=generator, device="cuda", dtype=torch.float16)
     _, row_stats = OPS.channel_kl(student, teacher, 1.0)
     _, last_row = OPS.channel_kl(student[:, 2:].clone(), teacher[:, 2:].clone(), 1.0)
-    assert torch.equal(row_stats[2], last_row[0])
+    assert relative_error(row_stats[2], last_row[0]) <= 1e-6
     loss, _ = OPS.pixel_kl(student, teacher, None, 255, 1.0)
     half = length // 2
     halves = [
@@ -408,7 +427,7 @@ def compile_for_hopper() -> list[tuple[str, int, int]]:
     for name in KERNELS:
         setattr(triton_kl, name, CompileInsteadOfLaunch(getattr(triton_kl, name)))
 
-    def run(shape, dtype, channels_last=False, target_dtype=None, grads=(True, True), channel=True):
+    def run(shape, dtype, target_dtype=None, channels_last=False, grads=(True, True), channel=True):
         s = torch.empty(shape, dtype=dtype, device="meta")
         if channels_last:
             s = s.contiguous(memory_format=torch.channels_last)
@@ -425,20 +444,21 @@ def compile_for_hopper() -> list[tuple[str, int, int]]:
     triton_kl._LAUNCH_OVERRIDES["channel_splits"] = 14  # the split count of an H100 at this size
     run((8, 19, 512, 1024), torch.float32, target_dtype=torch.int64)
     run((8, 19, 512, 1024), torch.bfloat16, channels_last=True, grads=(False, True))
-    run((2, 1000, 64, 64), torch.float16, target_dtype=torch.uint8, grads=(True, False), channel=False)
+    run((2, 1000, 64, 64), torch.float16, torch.uint8, grads=(True, False), channel=False)
     triton_kl._LAUNCH_OVERRIDES.clear()
     run((1, 1, 1), torch.float32, target_dtype=torch.uint8)  # every size 1: constexpr ints
 
     usage = []
-    for kernel in compiled:
-        cubin = Path(os.environ["TRITON_CACHE_DIR"]) / f"{kernel.name}-{len(usage)}.cubin"
-        cubin.write_bytes(kernel.asm["cubin"])
-        dump = subprocess.run(
-            [knobs.nvidia.cuobjdump.path, "--dump-resource-usage", str(cubin)],
-            capture_output=True, text=True, check=True,
-        ).stdout
-        registers, local = re.search(r"REG:(\d+) .*LOCAL:(\d+)", dump).groups()
-        usage.append((kernel.name, int(registers), int(local)))
+    with tempfile.TemporaryDirectory() as folder:
+        for kernel in compiled:
+            cubin = Path(folder) / f"{kernel.name}-{len(usage)}.cubin"
+            cubin.write_bytes(kernel.asm["cubin"])
+            dump = subprocess.run(
+                [knobs.nvidia.cuobjdump.path, "--dump-resource-usage", str(cubin)],
+                capture_output=True, text=True, check=True,
+            ).stdout
+            registers, local = re.search(r"REG:(\d+) .*LOCAL:(\d+)", dump).groups()
+            usage.append((kernel.name, int(registers), int(local)))
     return usage
 
 
