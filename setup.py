@@ -28,7 +28,8 @@ def extension_modules():
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
     sources = ["csrc/kdops.cpp"] + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: each torch version adds the C++ standard its headers need (17 or 20).
+    cxx = ["-O3", "-fopenmp"]
     if not _flag("KDOPS_PORTABLE"):
         cxx.append("-march=native")
     with_cuda = _flag("KDOPS_FORCE_CUDA") or (torch.version.cuda is not None and CUDA_HOME is not None)
@@ -42,7 +43,7 @@ def extension_modules():
             define_macros=[("KDOPS_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx,
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
                          "-gencode=arch=compute_80,code=sm_80",
                          "-gencode=arch=compute_90,code=sm_90"],
             },

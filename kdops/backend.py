@@ -153,7 +153,8 @@ def _auto_order(op: str, device_type: str) -> tuple[str, ...]:
 
 
 # Resolution reads the environment and the dispatcher, never tensors: torch.compile runs it
-# once while tracing and bakes the chosen backend into the graph.
+# eagerly while tracing and bakes the chosen backend into the graph. It also imports the
+# chosen implementation's module, which dynamo could not trace on an op's first call.
 @torch.compiler.assume_constant_result
 def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
     """The backend that runs ``op`` for tensors on ``device`` with ``dtype``.
@@ -165,17 +166,20 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
         raise ValueError(f"unknown op {op!r}; kdops has {sorted(OPS)}")
     name = default_backend() if backend is None else backend
     if name == "auto":
-        for candidate in _auto_order(op, device.type):
-            if unavailable_reason(op, candidate, device.type, dtype) is None:
-                return candidate
-        raise AssertionError("the reference backend is always available")  # pragma: no cover
-    if name not in BACKENDS:
-        raise ValueError(f"backend={name!r} is not a backend; choose one of {('auto',) + BACKENDS}")
-    reason = unavailable_reason(op, name, device.type, dtype)
-    if reason is not None:
-        raise BackendUnavailableError(
-            f"backend={name!r} cannot run kdops.{op} on {device.type} {dtype} tensors: {reason}"
+        name = next(
+            candidate
+            for candidate in _auto_order(op, device.type)
+            if unavailable_reason(op, candidate, device.type, dtype) is None
         )
+    elif name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is not a backend; choose one of {('auto',) + BACKENDS}")
+    else:
+        reason = unavailable_reason(op, name, device.type, dtype)
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"backend={name!r} cannot run kdops.{op} on {device.type} {dtype} tensors: {reason}"
+            )
+    implementation(op, name)
     return name
 
 
@@ -183,7 +187,7 @@ _IMPLEMENTATIONS: dict[tuple[str, str], object] = {}
 
 
 def implementation(op: str, backend: str):
-    """The function implementing ``op`` on ``backend`` (imported on first use)."""
+    """The function implementing ``op`` on ``backend`` (its module imported on first use)."""
     key = (op, backend)
     fn = _IMPLEMENTATIONS.get(key)
     if fn is None:

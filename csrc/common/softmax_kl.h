@@ -5,7 +5,7 @@
 // Notation: a row holds the τ-scaled logits xs = s/τ (student) and xt = t/τ (teacher);
 // q = softmax(xs), p = softmax(xt), KL = Σ p (log p − log q).
 //
-// The state of a partly read row, for chosen maxima ms ≥ max xs and mt ≥ max xt:
+// The state of a partly read row, for reference values ("maxima") ms ≈ max xs, mt ≈ max xt:
 //   zs = Σ e^{xs−ms},  zt = Σ e^{xt−mt},  w = Σ e^{xt−mt} ((xt−mt) − (xs−ms)).
 // Then log q = (xs−ms) − log zs, log p = (xt−mt) − log zt and
 //   KL = Σ p (log p − log q) = w/zt − log zt + log zs,
@@ -13,6 +13,10 @@
 //   zs' = zs e^{ms−ms'},  zt' = α zt,  w' = α (w + ((ms'−ms) − (mt'−mt)) zt),  α = e^{mt−mt'}.
 // Every term of w is a difference of logits within the row, never of absolute magnitudes, so
 // KL stays accurate when s ≈ t + const (all terms vanish instead of cancelling).
+//
+// The maxima need not be exact: a state stays valid while its elements exceed its maxima by at
+// most kKLSlack (e^8 ≈ 3e3 keeps every sum far from overflow), so streams rescale only when an
+// element overshoots by more, not at every new maximum.
 //
 // The functions are templates over the value type T so that one formula serves scalars
 // (float, double: CUDA threads, CPU tails and merges) and SIMD vectors (the CPU kernels
@@ -38,7 +42,7 @@ template <>
 struct KLMath<float> {
   static KDOPS_HD float exp(float x) {
 #if defined(__CUDA_ARCH__)
-    return __expf(x);  // ex2.approx: ~2 ulp for the arguments ≤ 0 used here
+    return __expf(x);  // ex2.approx: a few ulp for the arguments here (≤ kKLSlack)
 #else
     return std::exp(x);
 #endif
@@ -60,6 +64,9 @@ struct KLMath<double> {
   static KDOPS_HD double max(double a, double b) { return a > b ? a : b; }
 };
 
+// How far elements may exceed their state's maxima (see the top of the file).
+constexpr float kKLSlack = 8.0f;
+
 // The one-pass state of a row (see the top of the file). An empty state has zs = zt = 0.
 template <typename T>
 struct KLState {
@@ -78,7 +85,7 @@ KDOPS_HD KLState<T> kl_state_empty() {
   return KLState<T>{T(0), T(0), T(0), T(0), T(0)};
 }
 
-// A state with no element yet, whose maxima are already known (≥ every element to come).
+// A state with no element yet, with given maxima (every element to come ≤ maxima + kKLSlack).
 template <typename T>
 KDOPS_HD KLState<T> kl_state_at(T ms, T mt) {
   return KLState<T>{ms, T(0), mt, T(0), T(0)};
@@ -93,7 +100,7 @@ KDOPS_HD void kl_add_terms(KLState<T>& st, T ds, T dt, T es, T et) {
   st.w = st.w + et * (dt - ds);
 }
 
-// Adds one element; requires xs ≤ st.ms and xt ≤ st.mt.
+// Adds one element; requires xs ≤ st.ms + kKLSlack and xt ≤ st.mt + kKLSlack.
 template <typename T>
 KDOPS_HD void kl_add(KLState<T>& st, T xs, T xt) {
   using M = KLMath<T>;
@@ -115,12 +122,18 @@ KDOPS_HD void kl_rebase(KLState<T>& st, T ms, T mt) {
   st.mt = mt;
 }
 
-// Scalar streaming: adds one element, raising the maxima when it exceeds them.
+// Whether elements up to (xs, xt) need the state's maxima raised first.
+template <typename T>
+KDOPS_HD bool kl_overshoots(const KLState<T>& st, T xs, T xt) {
+  return xs > st.ms + T(kKLSlack) || xt > st.mt + T(kKLSlack);
+}
+
+// Scalar streaming: adds one element, raising the maxima when it overshoots them.
 template <typename T>
 KDOPS_HD void kl_push(KLState<T>& st, T xs, T xt) {
   if (!(st.zt > T(0))) {
     st = kl_state_at(xs, xt);
-  } else if (xs > st.ms || xt > st.mt) {
+  } else if (kl_overshoots(st, xs, xt)) {
     kl_rebase(st, KLMath<T>::max(st.ms, xs), KLMath<T>::max(st.mt, xt));
   }
   kl_add(st, xs, xt);
@@ -144,6 +157,12 @@ KDOPS_HD KLRowStats<T> kl_finalize(const KLState<T>& st) {
   const T log_zs = M::log(st.zs);
   const T log_zt = M::log(st.zt);
   return KLRowStats<T>{st.ms + log_zs, st.mt + log_zt, st.w / st.zt + (log_zs - log_zt)};
+}
+
+// The KL of a complete row alone, with one log: w/zt + log(zs/zt).
+template <typename T>
+KDOPS_HD T kl_of(const KLState<T>& st) {
+  return st.w / st.zt + KLMath<T>::log(st.zs / st.zt);
 }
 
 // Gradients of scale · KL(p‖q) of one row with respect to its τ-scaled logits, at one

@@ -181,7 +181,7 @@ __device__ __forceinline__ void push_vec(State& st, const float (&xs)[W], const 
   }
   if (!(st.zt > 0.f)) {
     st = kl_state_at(ms, mt);
-  } else if (ms > st.ms || mt > st.mt) {
+  } else if (kl_overshoots(st, ms, mt)) {
     kl_rebase(st, fmaxf(ms, st.ms), fmaxf(mt, st.mt));
   }
 #pragma unroll
@@ -424,7 +424,7 @@ __global__ void __launch_bounds__(kThreads)
     State st = counted ? pixel_state<T>(p, n, l, lane, G) : kl_state_empty<float>();
     if constexpr (G > 1) st = group_merge<G>(st);
     if (counted && lane == 0) {
-      kl += kl_finalize(st).kl;
+      kl += kl_of(st);
       ++valid;
     }
   }

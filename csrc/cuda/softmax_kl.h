@@ -12,15 +12,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/strides.h"
+
 namespace kdops {
 namespace cuda {
 
 enum class DType : int32_t { kFloat32, kFloat16, kBFloat16 };
-
-// Element strides of a tensor read as (N, C, L).
-struct Strides3 {
-  int64_t n, c, l;
-};
 
 struct ChannelKLForwardParams {
   const void* student;

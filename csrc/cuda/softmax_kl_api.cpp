@@ -8,7 +8,6 @@
 // returned in the tensor empty_like(input) gives (what the fake kernels promise); when its
 // spatial dims cannot merge it is written to a contiguous buffer and copied in once.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -19,6 +18,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/tensor_layout.h"
 #include "cuda/softmax_kl.h"
 
 namespace kdops {
@@ -26,29 +26,6 @@ namespace cuda {
 namespace {
 
 using at::Tensor;
-
-// The stride of dims [first, dim) of x merged into one, when that is a view.
-std::optional<int64_t> merged_stride(const Tensor& x, int64_t first) {
-  int64_t stride = 1;   // a run of one element is contiguous
-  int64_t merged = -1;  // the stride the next outer dim needs to merge
-  for (int64_t d = x.dim() - 1; d >= first; --d) {
-    const int64_t size = x.size(d);
-    if (size == 1) continue;
-    if (merged < 0) {
-      stride = x.stride(d);
-    } else if (x.stride(d) != merged) {
-      return std::nullopt;
-    }
-    merged = x.stride(d) * size;
-  }
-  return stride;
-}
-
-std::optional<Strides3> row_strides(const Tensor& x) {
-  const auto stride_l = merged_stride(x, 2);
-  if (!stride_l) return std::nullopt;
-  return Strides3{x.stride(0), x.stride(1), *stride_l};
-}
 
 // x itself when its spatial dims merge, else a contiguous copy.
 Tensor readable(const Tensor& x) { return row_strides(x) ? x : x.contiguous(); }
@@ -127,7 +104,9 @@ Tensor labels_of(const std::optional<Tensor>& target) {
 }
 
 int num_sms(const Tensor& x) {
-  return at::cuda::getDeviceProperties(x.get_device())->multiProcessorCount;
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, x.get_device()));
+  return count;
 }
 
 Tensor workspace(size_t bytes, const Tensor& like) {

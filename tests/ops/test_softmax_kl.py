@@ -20,6 +20,7 @@ from tests.utils import LAYOUTS, TOLERANCES, backend_params, make_layout, relati
 CHANNEL_BACKENDS = backend_params("channel_kl")
 PIXEL_BACKENDS = backend_params("pixel_kl")
 CPU_ONLY = [p for p in CHANNEL_BACKENDS if p.id == "cpu-cpu"]
+EXTENSION_BACKENDS = [p for p in PIXEL_BACKENDS if p.id in ("cpu-cpu", "cuda-cuda")]
 
 # Small enough for the Triton interpreter (≤ 4·8·9·11 elements).
 SHAPES = [
@@ -29,11 +30,14 @@ SHAPES = [
     pytest.param((3, 5, 1, 9), id="H1"),
     pytest.param((4, 8, 9, 11), id="4x8x9x11"),
 ]
-# CPU only: rows longer than one work chunk (8192) with a ragged tail; more channels than one
-# SIMD vector in the channels_last path; many small rows.
+# CPU only: rows longer than one work chunk (8192) with a ragged tail; rows just longer than the
+# short-row path's limit (256), with a scalar tail; more channels than one SIMD vector (channels
+# layout) and many short rows in several groups of a vector's width (short-row path).
 LARGE_SHAPES = [
     pytest.param((1, 3, 100, 171), id="long-rows-L17100"),
+    pytest.param((2, 3, 1, 263), id="L263"),
     pytest.param((2, 40, 6, 7), id="C40"),
+    pytest.param((64, 7, 3, 5), id="many-short-rows"),
     pytest.param((3, 19, 33, 65), id="cityscapes-like"),
 ]
 TAUS = [pytest.param(0.5, id="tau0.5"), pytest.param(4.0, id="tau4")]
@@ -195,6 +199,37 @@ def test_pixel_kl_all_pixels_ignored(device, backend, layout):
     assert torch.equal(grad_t, torch.zeros_like(grad_t))
     _, num_valid = ops(backend).pixel_kl(s, t, target, 255, 1.0)
     assert int(num_valid) == 0
+
+
+@pytest.mark.parametrize("device,backend", CHANNEL_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_rising_logits(device, backend, layout):
+    """Logits that climb along the row (L for channel_kl, C for pixel_kl) by far more than the
+    kernels' rescaling slack: the running maxima are raised again and again mid-row."""
+    shape = (2, 6, 7, 9) if backend == "triton" else (2, 6, 30, 41)
+    s, t = make_pair(shape, torch.float32, "contiguous", device, seed=8)
+    along_l = torch.linspace(0, 40, shape[2] * shape[3], device=device).reshape(shape[2:])
+    along_c = torch.linspace(0, 40, shape[1], device=device)[:, None, None]
+    for ramp, op in ((along_l, "channel_kl"), (along_c, "pixel_kl")):
+        a = make_layout(s + ramp, layout)
+        b = make_layout(t + 0.5 * ramp, layout)
+        check_against_reference(op, backend, a, b, 0.5, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("device,backend", EXTENSION_BACKENDS)
+def test_pixel_kl_never_reads_ignored_pixels(device, backend):
+    """Ignored pixels count for nothing whatever they hold (here inf and NaN logits)."""
+    s, t = make_pair((2, 3, 5, 7), torch.float32, "contiguous", device)
+    target = make_target((2, 3, 5, 7), device)
+    ignored = (target == 255).unsqueeze(1).expand_as(s)
+    poisoned_s = s.masked_fill(ignored, float("nan")).requires_grad_(True)
+    poisoned_t = t.masked_fill(ignored, float("inf")).requires_grad_(True)
+    loss = kdops.pixel_kl(poisoned_s, poisoned_t, 1.0, target, backend=backend)
+    expected = kdops.pixel_kl(s, t, 1.0, target, backend="reference")
+    assert relative_error(loss, expected) <= 1e-5
+    grad_s, grad_t = torch.autograd.grad(loss, (poisoned_s, poisoned_t))
+    assert torch.isfinite(grad_s).all() and torch.isfinite(grad_t).all()
+    assert not grad_s[ignored].any() and not grad_t[ignored].any()
 
 
 @pytest.mark.parametrize("device,backend", CHANNEL_BACKENDS)
@@ -360,6 +395,7 @@ def test_compile_fullgraph(device, backend, op):
     def loss_fn(a, b):
         return 2.0 * getattr(kdops, op)(a, b, 2.0, **kwargs, backend=backend)
 
+    torch._dynamo.reset()
     counter = CompileCounter()
     compiled = torch.compile(loss_fn, fullgraph=True, backend=counter)
     results = []
@@ -371,6 +407,18 @@ def test_compile_fullgraph(device, backend, op):
     assert counter.frame_count == 1
     for eager, traced in zip(*results):
         torch.testing.assert_close(traced, eager)
+
+
+@pytest.mark.parametrize("device,backend", CPU_ONLY)
+def test_compile_fullgraph_first_call(device, backend, monkeypatch):
+    """A training script's first call of the op is often the compiled one."""
+    monkeypatch.setattr(kd_backend, "_IMPLEMENTATIONS", {})
+    torch._dynamo.reset()
+    s, t = make_pair((2, 3, 5, 7), torch.float32, "contiguous", device)
+    s.requires_grad_(True)
+    compiled = torch.compile(lambda a, b: kdops.channel_kl(a, b, 2.0, backend=backend), fullgraph=True)
+    compiled(s, t).backward()
+    assert torch.isfinite(s.grad).all()
 
 
 @pytest.mark.parametrize("device,backend", CPU_ONLY)
