@@ -32,8 +32,10 @@ def weight_arg(name: str, value) -> float:
 def conv1x1_adapter(in_channels: int | None, out_channels: int | None) -> nn.Module | None:
     """A bias-free 1×1 conv from ``in_channels`` to ``out_channels``; None when they are equal
     (or not given), since an adapter there would only add parameters to a matching pair."""
-    if in_channels is None or out_channels is None or in_channels == out_channels:
+    if in_channels is None or out_channels is None:
         return None
     _checks.integer("student_channels", in_channels, minimum=1)
     _checks.integer("teacher_channels", out_channels, minimum=1)
+    if in_channels == out_channels:
+        return None
     return nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)

@@ -36,23 +36,34 @@ class AttentionTransfer(nn.Module):
     groups for several). Channels may differ; a teacher map of another H, W is resized to the
     student's before normalisation.
 
+    The maps have unit norm, so the mean over positions shrinks as 1/(H·W): a weight tuned at
+    one resolution is far too strong at a lower one. ``reference_positions=R`` multiplies each
+    pair's loss by H·W / R, which keeps the upstream value at H·W = R and the same strength at
+    any other resolution (None: the upstream value everywhere).
+
     forward(student, teacher): each (N, C, H, W) or a sequence of them → scalar.
     """
 
-    def __init__(self, p: float = 2.0, loss_weight: float = 1.0, *, backend: str | None = None):
+    def __init__(self, p: float = 2.0, loss_weight: float = 1.0, reference_positions: int | None = None,
+                 *, backend: str | None = None):
         super().__init__()
         self.p = _checks.positive_finite("p", p)
         self.loss_weight = weight_arg("loss_weight", loss_weight)
+        self.reference_positions = (None if reference_positions is None else
+                                    _checks.integer("reference_positions", reference_positions, minimum=1))
         self.backend = backend
 
     def forward(self, student, teacher) -> torch.Tensor:
         total = 0.0
         for s, t in _pairs("student", student, "teacher", teacher):
-            total = total + kdops.attention_loss(s, like(t, s), self.p, "mean", "l2", backend=self.backend)
+            loss = kdops.attention_loss(s, like(t, s), self.p, "mean", "l2", backend=self.backend)
+            if self.reference_positions is not None:
+                loss = loss * (s.shape[-2] * s.shape[-1] / self.reference_positions)
+            total = total + loss
         return self.loss_weight * total
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, loss_weight={self.loss_weight}"
+        return f"p={self.p}, loss_weight={self.loss_weight}, reference_positions={self.reference_positions}"
 
 
 class SelfAttentionDistillation(nn.Module):

@@ -12,6 +12,7 @@ is per process). Bad arguments end with a one-line message and exit code 2.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ from kdops.train.pipeline import (
     cached_model_run,
     config_hash,
     distill_run,
+    seed_everything,
     train_run,
     write_json,
 )
@@ -42,11 +44,12 @@ from kdops.train.trainer import TrainConfig
 DEFAULT_TEACHER = ModelSpec("pspnet", "resnet18")
 DEFAULT_STUDENT = ModelSpec("deeplabv3", "resnet18")
 DEFAULT_LANE_STUDENT = ModelSpec("erfnet")
-DEFAULT_STEPS = 150
-DEFAULT_TEACHER_STEPS = 300
+DEFAULT_STEPS = 100
+DEFAULT_TEACHER_STEPS = 200
 DEFAULT_LABEL_TEACHER_STEPS = 100
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_SYNTHETIC_SAMPLES = (1200, 200)
+DEFAULT_SYNTHETIC_SIZE = (48, 48)
 
 
 class UsageError(Exception):
@@ -64,11 +67,13 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dataset", choices=DATASET_NAMES, default=None,
                        help="data set (default: synthetic, or synthetic_lanes for the lane recipes)")
     group.add_argument("--data-root", default=None, help="folder of a real data set (voc, cityscapes, culane)")
-    group.add_argument("--crop-size", type=int, nargs="+", default=None, metavar="H [W]",
-                       help="training crop / synthetic image size (synthetic default 64)")
+    group.add_argument("--crop-size", type=int, nargs="+", default=None, metavar="SIZE",
+                       help="H [W]: training crop / synthetic image size (synthetic default 48)")
     group.add_argument("--train-samples", type=int, default=None, help="synthetic: number of training samples")
     group.add_argument("--val-samples", type=int, default=None, help="synthetic: number of validation samples")
     group.add_argument("--data-seed", type=int, default=0, help="synthetic: generator seed")
+    group.add_argument("--background-weight", type=float, default=None,
+                       help="cross-entropy weight of class 0 (default 0.4 on lane data, as SCNN / ENet-SAD; else 1)")
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +89,9 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N steps")
     group.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    group.add_argument("--threads", type=int, default=None,
+                       help="intra-op CPU threads per process (default on CPU: 1, which is fastest for these small "
+                            "models on shared cores and what torchrun uses; raise it on an idle many-core machine)")
     group.add_argument("--no-amp", action="store_true", help="no autocast on CUDA")
     group.add_argument("--no-channels-last", action="store_true", help="keep NCHW on CUDA")
     group.add_argument("--backend", choices=("auto",) + BACKENDS, default=None,
@@ -114,13 +122,27 @@ def _data_spec(args, default_dataset: str) -> DataSpec:
         if args.data_root is not None:
             raise UsageError(f"--data-root is for the real data sets; {name!r} is generated")
         train_samples, val_samples = DEFAULT_SYNTHETIC_SAMPLES
-        return DataSpec(name, None, _crop(args.crop_size), args.train_samples or train_samples,
-                        args.val_samples or val_samples, args.data_seed)
+        size = _crop(args.crop_size) or DEFAULT_SYNTHETIC_SIZE
+        return DataSpec(name, None, size, args.train_samples or train_samples, args.val_samples or val_samples,
+                        args.data_seed)
     if args.data_root is None:
         raise UsageError(f"--dataset {name} needs --data-root (the folder holding the data)")
     if not os.path.isdir(args.data_root):
         raise UsageError(f"data folder not found: {args.data_root}")
     return DataSpec(name, args.data_root, _crop(args.crop_size))
+
+
+LANE_DATASETS = ("synthetic_lanes", "culane")
+
+
+def _class_weights(args, data_spec: DataSpec, num_classes: int) -> list[float] | None:
+    """Cross-entropy class weights: the background's from --background-weight."""
+    weight = args.background_weight
+    if weight is None:
+        weight = 0.4 if data_spec.name in LANE_DATASETS else 1.0
+    if not 0.0 <= weight < math.inf:
+        raise UsageError(f"--background-weight must be a finite number >= 0, got {weight}")
+    return None if weight == 1.0 else [weight] + [1.0] * (num_classes - 1)
 
 
 def _train_config(args, steps: int, desc: str) -> TrainConfig:
@@ -162,22 +184,25 @@ def _weights_classes(path: str) -> int | None:
 
 
 def _check_model(spec: ModelSpec, role: str, num_classes: int) -> None:
+    """``role``: "student", "teacher", or "" for kdops-train's model."""
+    who = f"{role} " if role else ""
     if spec.name not in MODEL_NAMES:
-        raise UsageError(f"unknown {role} model {spec.name!r}; choose from {', '.join(MODEL_NAMES)}")
+        raise UsageError(f"unknown {who}model {spec.name!r}; choose from {', '.join(MODEL_NAMES)}")
     if spec.backbone is not None and spec.backbone not in BACKBONE_NAMES:
-        raise UsageError(f"unknown {role} backbone {spec.backbone!r}; choose from {', '.join(BACKBONE_NAMES)}")
+        raise UsageError(f"unknown {who}backbone {spec.backbone!r}; choose from {', '.join(BACKBONE_NAMES)}")
     for path in (spec.weights, spec.backbone_weights):
         if path is not None and not os.path.isfile(path):
-            raise UsageError(f"{role} weights file not found: {path}")
+            raise UsageError(f"{who}weights file not found: {path}")
     if spec.weights is not None:
         classes = _weights_classes(spec.weights)
         if classes is not None and classes != num_classes:
-            raise UsageError(f"class-count mismatch: the {role} weights {spec.weights} predict {classes} classes, "
-                             f"the data set and student have {num_classes}")
+            owner = "the data set and student have" if role == "teacher" else "the data set has"
+            raise UsageError(f"class-count mismatch: the {who}weights {spec.weights} predict {classes} classes, "
+                             f"{owner} {num_classes}")
     try:
         spec.build(num_classes)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
-        raise UsageError(f"{role}: {e}") from None
+        raise UsageError(f"{role or 'model'}: {e}") from None
 
 
 def _model_spec(name, backbone, weights, backbone_weights=None) -> ModelSpec:
@@ -189,10 +214,16 @@ def _model_spec(name, backbone, weights, backbone_weights=None) -> ModelSpec:
 
 
 def _context(args) -> DistContext:
+    _positive("--threads", args.threads)
     try:
-        return init_from_env(args.device)
+        ctx = init_from_env(args.device)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.threads is not None or ctx.device.type == "cpu":
+        # Two OpenMP threads on two cores that another process also uses run many times
+        # slower than one (they spin-wait for each other); one thread per process is robust.
+        torch.set_num_threads(args.threads or 1)
+    return ctx
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -240,7 +271,8 @@ def train_main(argv: list[str] | None = None) -> int:
         data_spec = _data_spec(args, "synthetic_lanes" if spec.name == "erfnet" else "synthetic")
         data = _build_data(data_spec)
         num_classes = data[0].num_classes
-        _check_model(spec, "model", num_classes)
+        _check_model(spec, "", num_classes)
+        class_weights = _class_weights(args, data_spec, num_classes)
         config = _train_config(args, args.steps, spec.label)
         ctx = _context(args)
     except UsageError as e:
@@ -248,11 +280,12 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     name = args.name or f"{spec.label.replace('/', '-')}-{data_spec.name}-s{args.seed}"
     run_dir = os.path.join(args.work_dir, name)
+    seed_everything(config.seed)
     model = spec.build(num_classes, data[0].ignore_index)
     student_input = "labels" if spec.name == "label_teacher" else "image"
     meta = {"role": "model", "model": asdict(spec), "data": asdict(data_spec)}
-    result, trainer = train_run(model, {"student_input": student_input}, data, config, run_dir, ctx=ctx,
-                                meta=meta, resume=args.resume)
+    result, trainer = train_run(model, {"student_input": student_input, "class_weights": class_weights}, data,
+                                config, run_dir, ctx=ctx, meta=meta, resume=args.resume)
     if ctx.is_main:
         metrics_path = os.path.join(run_dir, "metrics.json")
         write_json(metrics_path, {"model": spec.label, "data": asdict(data_spec), "config": asdict(config),
@@ -301,8 +334,8 @@ def _recipe(args) -> Recipe:
             weights[term.strip()] = float(value)
         except ValueError:
             sep = ""
-        if not sep or weights.get(term.strip(), 0.0) < 0:
-            raise UsageError(f"--weight takes TERM=VALUE with VALUE >= 0, got {item!r}")
+        if not sep or not 0.0 <= weights[term.strip()] < math.inf:
+            raise UsageError(f"--weight takes TERM=VALUE with a finite VALUE >= 0, got {item!r}")
     try:
         return recipe.with_weights(weights)
     except ValueError as e:
@@ -315,12 +348,12 @@ def distill_main(argv: list[str] | None = None) -> int:
     try:
         args = _distill_parser().parse_args(argv)
         recipe = _recipe(args)
-        defaults = recipe.defaults
-        lanes = defaults.get("dataset") == "synthetic_lanes"
-        data_spec = _data_spec(args, defaults.get("dataset", "synthetic"))
+        data_spec = _data_spec(args, recipe.defaults.get("dataset", "synthetic"))
         data = _build_data(data_spec)
         num_classes = data[0].num_classes
-        student_default = DEFAULT_LANE_STUDENT if lanes or data_spec.name == "synthetic_lanes" else DEFAULT_STUDENT
+        lanes = data_spec.name in LANE_DATASETS
+        class_weights = _class_weights(args, data_spec, num_classes)
+        student_default = DEFAULT_LANE_STUDENT if lanes else DEFAULT_STUDENT
         student = _model_spec(args.student or student_default.name,
                               args.student_backbone or (student_default.backbone if not args.student else None),
                               None, args.student_backbone_weights)
@@ -332,8 +365,8 @@ def distill_main(argv: list[str] | None = None) -> int:
                                  f"label_teacher, got {args.teacher!r}")
             teacher_spec = _model_spec("label_teacher", args.teacher_backbone, args.teacher_weights)
         elif recipe.teacher == "model":
-            teacher_spec = _model_spec(args.teacher or DEFAULT_TEACHER.name,
-                                       args.teacher_backbone or (DEFAULT_TEACHER.backbone if not args.teacher else None),
+            default_backbone = DEFAULT_TEACHER.backbone if not args.teacher else None
+            teacher_spec = _model_spec(args.teacher or DEFAULT_TEACHER.name, args.teacher_backbone or default_backbone,
                                        args.teacher_weights)
         elif args.teacher or args.teacher_weights:
             raise UsageError(f"recipe {recipe.name!r} is self-distillation and takes no teacher")
@@ -357,21 +390,22 @@ def distill_main(argv: list[str] | None = None) -> int:
             role = "label_teacher" if recipe.teacher == "labels" else "teacher"
             teacher_result, teacher = cached_model_run(
                 teacher_spec, data_spec, data, teacher_config, args.work_dir, role, ctx=ctx,
-                student_input="labels" if recipe.teacher == "labels" else "image")
+                student_input="labels" if recipe.teacher == "labels" else "image", class_weights=class_weights)
     baseline = None
     if not args.no_baseline:
-        baseline, _ = cached_model_run(student, data_spec, data, student_config, args.work_dir, "student", ctx=ctx)
+        baseline, _ = cached_model_run(student, data_spec, data, student_config, args.work_dir, "student", ctx=ctx,
+                                       class_weights=class_weights)
 
     weights = {t.name: t.weight for t in recipe.terms}
     key = config_hash(recipe.name, weights, asdict(student), asdict(teacher_spec) if teacher_spec else None,
                       teacher_result.run_dir if teacher_result else None, asdict(data_spec),
-                      asdict(distill_config) | {"progress": None, "desc": None}, ctx.world_size)
+                      distill_config.identity(), ctx.world_size, class_weights)
     name = args.name or f"{recipe.name}-{student.label.replace('/', '-')}-{data_spec.name}-{key}"
     run_dir = os.path.join(args.work_dir, name)
     meta = {"role": "distilled", "recipe": recipe.name, "weights": weights, "student": asdict(student),
             "teacher": asdict(teacher_spec) if teacher_spec else None, "data": asdict(data_spec)}
     result, trainer = distill_run(recipe, student, teacher, data_spec, data, distill_config, run_dir, ctx=ctx,
-                                  resume=args.resume, backend=args.backend, meta=meta)
+                                  resume=args.resume, backend=args.backend, class_weights=class_weights, meta=meta)
     if not ctx.is_main:
         return 0
 
@@ -379,7 +413,7 @@ def distill_main(argv: list[str] | None = None) -> int:
     summary = {
         "recipe": recipe.name, "terms": weights, "student": student.label,
         "teacher": teacher_spec.label if teacher_spec else None, "data": asdict(data_spec),
-        "config": asdict(distill_config), "processes": ctx.world_size,
+        "config": asdict(distill_config), "processes": ctx.world_size, "class_weights": class_weights,
         "metrics": result.metrics,
         "baseline_metrics": baseline.metrics if baseline else None,
         "teacher_metrics": teacher_result.metrics if teacher_result else None,
@@ -415,7 +449,7 @@ def distill_main(argv: list[str] | None = None) -> int:
         if profile.get("peak_bytes") is not None:
             memory += f", {profile['peak_bytes'] / 2**20:.1f} MiB peak CUDA"
         share = 100 * profile["ms"] / result.extra["mean_step_ms"] if result.extra["mean_step_ms"] else float("nan")
-        print(f"KD losses: {profile['ms']:.2f} ms per step forward+backward ({share:.1f}% of a training step), "
+        print(f"KD losses: {profile['ms']:.2f} ms per step forward+backward ({share:.2g}% of a training step), "
               f"{memory}")
     print(f"total time: {summary['wall_seconds']:.0f} s\ncheckpoint: {os.path.join(run_dir, 'checkpoint.pt')}\n"
           f"metrics:    {metrics_path}")

@@ -40,11 +40,13 @@ def _module_key(term_name: str) -> str:
     return term_name.replace(".", "_")
 
 
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Cross-entropy of logits (N, K, h, w) bilinearly upsampled to the labels (N, H, W)."""
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                      class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of logits (N, K, h, w) bilinearly upsampled to the labels (N, H, W),
+    optionally with per-class weights (K,)."""
     if logits.shape[-2:] != labels.shape[-2:]:
         logits = F.interpolate(logits, labels.shape[-2:], mode="bilinear", align_corners=False)
-    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+    return F.cross_entropy(logits.float(), labels, weight=class_weights, ignore_index=ignore_index)
 
 
 class Distiller(nn.Module):
@@ -58,6 +60,8 @@ class Distiller(nn.Module):
         teacher: the teacher model, required when the recipe's ``teacher`` is not None.
         total_steps: the run's length, for the terms' warm-up (``Term.start``).
         aux_weight: weight of the auxiliary head's cross-entropy (PSPNet/DeepLab: 0.4).
+        class_weights: per-class weights of the cross-entropy, (K,) (lane detection: 0.4 for
+            the background, as SCNN / ENet-SAD); None: unweighted.
         student_input: ``"image"``, or ``"labels"`` to train LGAD's label teacher.
         backend: kdops backend for every loss op (None: the default).
 
@@ -67,7 +71,8 @@ class Distiller(nn.Module):
 
     def __init__(self, student: nn.Module, *, num_classes: int, ignore_index: int = 255,
                  recipe: Recipe | None = None, teacher: nn.Module | None = None, total_steps: int = 1,
-                 aux_weight: float = 0.4, student_input: str = "image", backend: str | None = None):
+                 aux_weight: float = 0.4, class_weights=None, student_input: str = "image",
+                 backend: str | None = None):
         super().__init__()
         if student_input not in INPUTS:
             raise ValueError(f"student_input must be one of {INPUTS}, got {student_input!r}")
@@ -79,6 +84,11 @@ class Distiller(nn.Module):
         self.recipe = recipe
         self.total_steps = max(1, int(total_steps))
         self.aux_weight = aux_weight
+        if class_weights is not None:
+            class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
+            if class_weights.shape != (num_classes,) or not bool((class_weights >= 0).all()):
+                raise ValueError(f"class_weights must hold {num_classes} weights >= 0, got {class_weights.tolist()}")
+        self.register_buffer("class_weights", class_weights, persistent=False)
         self.student_input = student_input
         self.terms: tuple[Term, ...] = recipe.terms if recipe is not None else ()
 
@@ -149,9 +159,10 @@ class Distiller(nn.Module):
         return self.teacher(labels if self.teacher_input == "labels" else images)
 
     def task_loss(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        loss = segmentation_loss(outputs["logits"], labels, self.ignore_index)
+        loss = segmentation_loss(outputs["logits"], labels, self.ignore_index, self.class_weights)
         if "aux_logits" in outputs and self.aux_weight > 0:
-            loss = loss + self.aux_weight * segmentation_loss(outputs["aux_logits"], labels, self.ignore_index)
+            loss = loss + self.aux_weight * segmentation_loss(outputs["aux_logits"], labels, self.ignore_index,
+                                                              self.class_weights)
         return loss
 
     def term_inputs(self, term: Term, s_out: dict, t_out: dict | None) -> tuple[list, list]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from kdops.models import build_model, load_weights
@@ -91,6 +93,13 @@ class RunResult:
         return float(self.metrics.get("miou", float("nan")))
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and Python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def config_hash(*parts) -> str:
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:10]
@@ -129,31 +138,36 @@ def finished_checkpoint(run_dir: str, steps: int) -> dict | None:
 def train_run(model, distiller_kwargs: dict, data, config: TrainConfig, run_dir: str, *, ctx: DistContext,
               meta: dict, resume: bool = True) -> tuple[RunResult, Trainer]:
     """Train ``model`` (wrapped in a :class:`Distiller` with ``distiller_kwargs``) in ``run_dir``,
-    resuming its checkpoint; writes ``metrics.json`` beside it."""
+    resuming its checkpoint. The adapters are initialised from ``config.seed``; dropout draws
+    from (seed, rank)."""
     train_set, val_set = data
+    seed_everything(config.seed)
     distiller = Distiller(model, num_classes=train_set.num_classes, ignore_index=train_set.ignore_index,
                           total_steps=config.steps, **distiller_kwargs)
     trainer = Trainer(distiller, train_set, val_set, config, run_dir=run_dir, ctx=ctx, meta=meta)
+    seed_everything(config.seed + 1_000_003 * ctx.rank)
     metrics = trainer.fit(resume=resume)
     result = RunResult(run_dir, metrics, trainer.train_seconds)
     return result, trainer
 
 
 def cached_model_run(spec: ModelSpec, data_spec: DataSpec, data, config: TrainConfig, work_dir: str, role: str,
-                     *, ctx: DistContext, student_input: str = "image") -> tuple[RunResult, torch.nn.Module]:
+                     *, ctx: DistContext, student_input: str = "image",
+                     class_weights: list[float] | None = None) -> tuple[RunResult, torch.nn.Module]:
     """Train ``spec`` with cross-entropy alone, or reuse the finished run of the same
     configuration under ``<work_dir>/cache``; returns the result and the trained model."""
     train_set = data[0]
-    key = config_hash(role, asdict(spec), asdict(data_spec), asdict(config) | {"progress": None, "desc": None},
-                      ctx.world_size)
+    key = config_hash(role, asdict(spec), asdict(data_spec), config.identity(), ctx.world_size, class_weights)
     run_dir = os.path.join(work_dir, "cache", f"{role}-{spec.label.replace('/', '-')}-{data_spec.name}-{key}")
+    seed_everything(config.seed)
     model = spec.build(train_set.num_classes, train_set.ignore_index)
     state = finished_checkpoint(run_dir, config.steps)
     if state is not None:
         model.load_state_dict(state["model"])
         return RunResult(run_dir, state["evaluations"][-1], state["train_seconds"], cached=True), model
     meta = {"role": role, "model": asdict(spec), "data": asdict(data_spec)}
-    result, trainer = train_run(model, {"student_input": student_input}, data, config, run_dir, ctx=ctx, meta=meta)
+    result, trainer = train_run(model, {"student_input": student_input, "class_weights": class_weights}, data,
+                                config, run_dir, ctx=ctx, meta=meta)
     if ctx.is_main:
         write_json(os.path.join(run_dir, "metrics.json"), {
             "role": role, "model": spec.label, "data": asdict(data_spec), "config": asdict(config),
@@ -164,17 +178,19 @@ def cached_model_run(spec: ModelSpec, data_spec: DataSpec, data, config: TrainCo
 
 def distill_run(recipe: Recipe, student_spec: ModelSpec, teacher, data_spec: DataSpec, data,
                 config: TrainConfig, run_dir: str, *, ctx: DistContext, resume: bool,
-                backend: str | None = None, meta: dict | None = None) -> tuple[RunResult, Trainer]:
+                backend: str | None = None, class_weights: list[float] | None = None,
+                meta: dict | None = None) -> tuple[RunResult, Trainer]:
     """Distill a fresh ``student_spec`` from ``teacher`` with ``recipe`` in ``run_dir``; also
     profiles the recipe's losses (time and memory per step) on one training batch."""
     train_set = data[0]
+    seed_everything(config.seed)  # the initialisation of the plain student of the same seed
     student = student_spec.build(train_set.num_classes, train_set.ignore_index)
-    kwargs = {"recipe": recipe, "teacher": teacher, "backend": backend}
+    kwargs = {"recipe": recipe, "teacher": teacher, "backend": backend, "class_weights": class_weights}
     started = time.perf_counter()
     result, trainer = train_run(student, kwargs, data, config, run_dir, ctx=ctx, meta=meta or {}, resume=resume)
-    images, labels = next(iter(trainer._loader(0, 0)))
-    images, labels = trainer._to_device(images, labels)
-    with trainer._autocast():
+    images, labels = next(iter(trainer.loader(0, 0)))
+    images, labels = trainer.to_device(images, labels)
+    with trainer.autocast():
         profile = trainer.distiller.profile_losses(images, labels)
     mean_step_ms = 1000 * trainer.train_seconds / max(1, trainer.step)
     result.extra = {"kd_profile": profile, "mean_step_ms": mean_step_ms,

@@ -12,8 +12,9 @@ has no recipe) for ``config.steps`` iterations. What it guarantees:
 * under ``torchrun`` the student (with its adapters) is wrapped in DistributedDataParallel
   (gloo on CPU, NCCL on GPU), each process reads its shard of every batch, logged losses are
   averaged and metrics summed over processes;
-* on CUDA: autocast (bfloat16 where supported, else float16 with a gradient scaler) and
-  channels_last; on CPU both are no-ops.
+* on CUDA: autocast (bfloat16 where supported, else float16 with a gradient scaler),
+  channels_last, and SyncBatchNorm in the student when there are several processes; on
+  CPU these are no-ops.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ class TrainConfig:
     clip_grad: float | None = 10.0
     amp: bool = True
     channels_last: bool = True
+    sync_bn: bool = True
     eval_every: int = 0
     eval_batch_size: int = 16
     checkpoint_every: int = 100
@@ -59,6 +61,13 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     desc: str = "train"
+
+    def identity(self) -> dict:
+        """The fields that decide the trained weights (not logging, checkpointing, loading
+        or evaluation): what a cache of finished runs is keyed by."""
+        cosmetic = {"eval_every", "eval_batch_size", "checkpoint_every", "log_every", "num_workers", "progress",
+                    "desc"}
+        return {k: v for k, v in asdict(self).items() if k not in cosmetic}
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_batch_size", "log_every"):
@@ -135,6 +144,9 @@ class Trainer:
         cuda = self.device.type == "cuda"
         self.memory_format = torch.channels_last if cuda and config.channels_last else torch.contiguous_format
 
+        if self.ctx.distributed and cuda and config.sync_bn:
+            # Per-GPU batches of segmentation training are small: normalise over all of them.
+            distiller.student = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.student)
         self.distiller = distiller.to(self.device, memory_format=self.memory_format)
         self.optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
@@ -182,17 +194,20 @@ class Trainer:
         return os.path.join(self.run_dir, "checkpoint.pt") if self.run_dir else None
 
     # -- data ----------------------------------------------------------------------------
-    def _loader(self, epoch: int, start_batch: int) -> DataLoader:
+    def loader(self, epoch: int, start_batch: int) -> DataLoader:
+        """This process's batches of ``epoch``, from batch ``start_batch`` on."""
         self.sampler.set_epoch(epoch, start_batch * self.config.batch_size)
         return DataLoader(self.train_set, batch_size=self.config.batch_size, sampler=self.sampler, drop_last=True,
                           num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda",
                           generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
 
-    def _to_device(self, images: torch.Tensor, labels: torch.Tensor):
+    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch on the training device, images in the training memory format."""
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         return images, labels.to(self.device, non_blocking=True).long()
 
-    def _autocast(self):
+    def autocast(self):
+        """The run's autocast context (a no-op on CPU or with AMP off)."""
         return torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.amp_dtype is not None) \
             if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
@@ -207,8 +222,8 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """One optimizer step at ``self.step``; returns the process-averaged losses."""
         self.model.train()
-        images, labels = self._to_device(images, labels)
-        with self._autocast():
+        images, labels = self.to_device(images, labels)
+        with self.autocast():
             out = self.model(images, labels, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.total).backward()
@@ -263,8 +278,8 @@ class Trainer:
                             sampler=ShardSampler(len(self.val_set), rank=self.ctx.rank, world_size=self.ctx.world_size),
                             num_workers=self.config.num_workers)
         for images, labels in loader:
-            images, labels = self._to_device(images, labels)
-            with self._autocast():
+            images, labels = self.to_device(images, labels)
+            with self.autocast():
                 logits = self.distiller.student_forward(images, labels)["logits"]
             logits = F.interpolate(logits.float(), labels.shape[-2:], mode="bilinear", align_corners=False)
             matrix.update(logits, labels)
@@ -351,10 +366,11 @@ class Trainer:
         images_per_step = config.batch_size * self.ctx.world_size
         while self.step < end:
             epoch, offset = divmod(self.step, self.steps_per_epoch)
-            for images, labels in self._loader(epoch, offset):
-                started = time.perf_counter()
+            started = time.perf_counter()
+            for images, labels in self.loader(epoch, offset):
                 record = self.train_step(images, labels)
-                elapsed = time.perf_counter() - started
+                finished = time.perf_counter()
+                elapsed, started = finished - started, finished  # data loading included
                 self.train_seconds += elapsed
                 record["images_per_s"] = images_per_step / elapsed
                 self.history.append(record)
@@ -370,6 +386,7 @@ class Trainer:
                     self.save_checkpoint()
                 if self.step >= end:
                     break
+                started = time.perf_counter()  # evaluation and checkpoints are not training time
         if bar is not None:
             bar.close()
         if self.step < config.steps:

@@ -178,6 +178,15 @@ def test_attention_transfer_equals_cirkd():
     assert relative_error(value, cirkd_at(s.double(), t.double())) < TOL
 
 
+def test_attention_transfer_reference_positions_scale_with_the_map_size():
+    s, t = _randn(2, 3, 5, 7, seed=7), _randn(2, 6, 5, 7, seed=8)
+    value = losses.AttentionTransfer(loss_weight=1e4, reference_positions=70)(s, t)
+    # 5 x 7 = 35 positions: half the reference, half the weight.
+    assert relative_error(value, 1e4 * 0.5 * cirkd_at(s.double(), t.double())) < TOL
+    with pytest.raises(ValueError, match="reference_positions"):
+        losses.AttentionTransfer(reference_positions=0)
+
+
 def test_attention_transfer_sums_feature_pairs():
     pairs = [(_randn(2, 3, 5, 7, seed=i), _randn(2, 4, 5, 7, seed=10 + i)) for i in range(3)]
     value = losses.AttentionTransfer(loss_weight=500.0)([s for s, _ in pairs], [t for _, t in pairs])
@@ -252,7 +261,8 @@ def test_apd_terms_equal_upstream():
     k = 4
     module = losses.AdaptivePerspectiveDistillation(5, 6, k, hidden_channels=7).double()
     s, t = _randn(2, 5, 5, 7, seed=1, dtype=torch.float64), _randn(2, 6, 5, 7, seed=2, dtype=torch.float64)
-    s_logits, t_logits = _randn(2, k, 5, 7, seed=3, dtype=torch.float64), _randn(2, k, 5, 7, seed=4, dtype=torch.float64)
+    s_logits = _randn(2, k, 5, 7, seed=3, dtype=torch.float64)
+    t_logits = _randn(2, k, 5, 7, seed=4, dtype=torch.float64)
     y = _labels(2, 10, 14, 3, seed=5)  # class 3 absent
     out = module(s, t, s_logits, t_logits, y)
     own = module.teacher_projection_loss(t, y)
@@ -344,6 +354,7 @@ def test_acfd_terms_equal_composition():
     pytest.param(lambda: losses.AdaptivePerspectiveDistillation(4, 4, 3, align_weight=-1), "align_weight",
                  id="apd-weight"),
     pytest.param(lambda: losses.PairwiseAffinity(pool_scale=0), "pool_scale", id="skd-scale"),
+    pytest.param(lambda: losses.ICKD(0, 0), "student_channels", id="ickd-channels"),
 ])
 def test_bad_arguments_name_the_argument(make, match):
     with pytest.raises(ValueError, match=match):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from kdops.models import build_model
@@ -34,14 +36,48 @@ class TinySegmentation(Dataset):
         return self.images[i], self.labels[i]
 
 
-def student(seed: int = 0):
-    """DeepLabV3/ResNet-18: fusion 256 channels, unlike the teacher's 512 (adapters needed)."""
+class TinySegmenter(nn.Module):
+    """A few-thousand-parameter model with the kdops.models contract: ``layer1``..``layer4``
+    (strides 2, 4, 4, 4), ``fusion`` and ``logits`` at stride 4, ``aux_logits`` from layer3
+    in training mode; ``feature_channels``, ``num_classes``, ``classifier`` (1x1 conv)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, width: int = 8):
+        super().__init__()
+        w = width
+
+        def block(cin, cout, stride):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.layer1, self.layer2 = block(3, w, 2), block(w, 2 * w, 2)
+        self.layer3, self.layer4 = block(2 * w, 2 * w, 1), block(2 * w, 4 * w, 1)
+        self.head = block(4 * w, 3 * w, 1)
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = nn.Conv2d(3 * w, num_classes, 1)
+        self.aux_classifier = nn.Conv2d(2 * w, num_classes, 1)
+        self.num_classes = num_classes
+        self.feature_channels = {"layer1": w, "layer2": 2 * w, "layer3": 2 * w, "layer4": 4 * w,
+                                 "fusion": 3 * w, "logits": num_classes, "aux_logits": num_classes}
+
+    def forward(self, x):
+        out = {"layer1": self.layer1(x)}
+        for name, prev in (("layer2", "layer1"), ("layer3", "layer2"), ("layer4", "layer3")):
+            out[name] = getattr(self, name)(out[prev])
+        out["fusion"] = self.head(out["layer4"])
+        out["logits"] = self.classifier(self.dropout(out["fusion"]))
+        if self.training:
+            out["aux_logits"] = self.aux_classifier(out["layer3"])
+        return out
+
+
+def student(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return build_model("deeplabv3", NUM_CLASSES, backbone="resnet18")
+    return TinySegmenter(width=8)
 
 
-def teacher(seed: int = 100, kind: str = "model"):
+def teacher(seed: int = 100, kind: str = "model") -> nn.Module:
+    """A wider tiny model (fusion 48 channels vs the student's 24: adapters needed), or
+    LGAD's label teacher (``kind="labels"``) with small widths."""
     torch.manual_seed(seed)
     if kind == "labels":
         return build_model("label_teacher", NUM_CLASSES, channels=(8, 16, 16, 32))
-    return build_model("pspnet", NUM_CLASSES, backbone="resnet18")
+    return TinySegmenter(width=16)

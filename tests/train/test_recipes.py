@@ -91,7 +91,7 @@ def test_recipe_trains_two_steps(name):
     recipe_terms = {t.name for t in distiller.terms}
     for record in trainer.history:
         logged = {k for k in record if k.split("/")[0] in {n.split("/")[0] for n in recipe_terms}}
-        assert logged, f"no recipe term logged: {record}"
+        assert bool(logged) == bool(distiller.active_terms(record["step"])), record
         assert all(math.isfinite(v) for k, v in record.items() if k not in ("step",)), record
         assert record["total"] == pytest.approx(sum(v for k, v in record.items() if k in ("task",) or k in logged
                                                     and not k.startswith("own/")), rel=1e-5)
@@ -112,13 +112,13 @@ def test_recipe_trains_two_steps(name):
 
 
 def test_recipes_with_adapters_build_them_for_the_channel_gap():
-    # Student fusion 256, teacher fusion 512: ICKD and ACFD need an adapter, APD projects.
+    # Student fusion 24, teacher fusion 48: ICKD and ACFD need an adapter, APD projects.
     for name, attribute in (("ickd", "adapter"), ("acfd", "fusion_adapter")):
         module = next(iter(_trainer(name).distiller.losses.values()))
-        assert getattr(module, attribute).weight.shape == (512, 256, 1, 1)
+        assert getattr(module, attribute).weight.shape == (48, 24, 1, 1)
     apd = next(iter(_trainer("apd").distiller.losses.values()))
     assert isinstance(apd, losses.AdaptivePerspectiveDistillation)
-    assert apd.student_projection[0].in_channels == 256 and apd.student_projection[-1].out_channels == 512
+    assert apd.student_projection[0].in_channels == 24 and apd.student_projection[-1].out_channels == 48
 
 
 def test_apd_teacher_projection_has_its_own_optimizer():
