@@ -123,54 +123,60 @@ def _pixel_kl_backward_fake(
 def _channel_kl_setup_context(ctx, inputs, output):
     student, teacher, tau = inputs
     _, row_stats = output
+    ctx.mark_non_differentiable(row_stats)
     ctx.save_for_backward(student, teacher, row_stats)
     ctx.tau = tau
-    ctx.mark_non_differentiable(row_stats)
-
-
-def _channel_kl_backward(ctx, grad_loss, _grad_row_stats):
-    student, teacher, row_stats = ctx.saved_tensors
-    needs_student, needs_teacher = ctx.needs_input_grad[:2]
-    grad_student, grad_teacher = torch.ops.kdops.channel_kl_backward(
-        grad_loss, student, teacher, row_stats, ctx.tau, needs_student, needs_teacher
-    )
-    return (grad_student if needs_student else None, grad_teacher if needs_teacher else None, None)
 
 
 def _pixel_kl_setup_context(ctx, inputs, output):
     student, teacher, target, ignore_index, tau = inputs
     _, num_valid = output
+    ctx.mark_non_differentiable(num_valid)
     ctx.save_for_backward(student, teacher, target, num_valid)
     ctx.ignore_index = ignore_index
     ctx.tau = tau
 
 
-def _pixel_kl_backward(ctx, grad_loss, _grad_num_valid):
-    student, teacher, target, num_valid = ctx.saved_tensors
-    needs_student, needs_teacher = ctx.needs_input_grad[:2]
-    grad_student, grad_teacher = torch.ops.kdops.pixel_kl_backward(
-        grad_loss, student, teacher, target, num_valid, ctx.ignore_index, ctx.tau,
-        needs_student, needs_teacher,
-    )
-    return (
-        grad_student if needs_student else None,
-        grad_teacher if needs_teacher else None,
-        None, None, None,
-    )
+def register_softmax_kl_ops(namespace: str) -> None:
+    """Fake kernels and autograd for ``<namespace>::{channel_kl, pixel_kl}{, _backward}``.
 
+    The C++ extension (``kdops``) and the Triton kernels (``kdops_triton``) define these four
+    ops with the same schemas; both are made differentiable here, the same way.
+    """
+    ops = getattr(torch.ops, namespace)
 
-def _register_extension_ops() -> None:
-    torch.library.register_fake("kdops::channel_kl", _channel_kl_fake)
-    torch.library.register_fake("kdops::channel_kl_backward", _channel_kl_backward_fake)
-    torch.library.register_fake("kdops::pixel_kl", _pixel_kl_fake)
-    torch.library.register_fake("kdops::pixel_kl_backward", _pixel_kl_backward_fake)
+    def channel_kl_backward(ctx, grad_loss, _grad_row_stats):
+        student, teacher, row_stats = ctx.saved_tensors
+        needs_student, needs_teacher = ctx.needs_input_grad[:2]
+        grad_student, grad_teacher = ops.channel_kl_backward(
+            grad_loss, student, teacher, row_stats, ctx.tau, needs_student, needs_teacher
+        )
+        return (grad_student if needs_student else None, grad_teacher if needs_teacher else None, None)
+
+    def pixel_kl_backward(ctx, grad_loss, _grad_num_valid):
+        student, teacher, target, num_valid = ctx.saved_tensors
+        needs_student, needs_teacher = ctx.needs_input_grad[:2]
+        grad_student, grad_teacher = ops.pixel_kl_backward(
+            grad_loss, student, teacher, target, num_valid, ctx.ignore_index, ctx.tau,
+            needs_student, needs_teacher,
+        )
+        return (
+            grad_student if needs_student else None,
+            grad_teacher if needs_teacher else None,
+            None, None, None,
+        )
+
+    torch.library.register_fake(f"{namespace}::channel_kl", _channel_kl_fake)
+    torch.library.register_fake(f"{namespace}::channel_kl_backward", _channel_kl_backward_fake)
+    torch.library.register_fake(f"{namespace}::pixel_kl", _pixel_kl_fake)
+    torch.library.register_fake(f"{namespace}::pixel_kl_backward", _pixel_kl_backward_fake)
     torch.library.register_autograd(
-        "kdops::channel_kl", _channel_kl_backward, setup_context=_channel_kl_setup_context
+        f"{namespace}::channel_kl", channel_kl_backward, setup_context=_channel_kl_setup_context
     )
     torch.library.register_autograd(
-        "kdops::pixel_kl", _pixel_kl_backward, setup_context=_pixel_kl_setup_context
+        f"{namespace}::pixel_kl", pixel_kl_backward, setup_context=_pixel_kl_setup_context
     )
 
 
 if _extension.loaded():
-    _register_extension_ops()
+    register_softmax_kl_ops("kdops")

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kdops.ops.softmax_kl import register_softmax_kl_ops
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _LN2 = tl.constexpr(LN2)
@@ -719,16 +721,17 @@ def _pixel_kl_backward(
 
 
 # ---------------------------------------------------------------------------------------------
-# ops: kdops_triton::{channel_kl, pixel_kl}{, _backward}, fake kernels, autograd
+# ops: kdops_triton::{channel_kl, pixel_kl}{, _backward}; fake kernels and autograd are
+# registered by kdops.ops.softmax_kl, the same way as for the C++ ops
 # ---------------------------------------------------------------------------------------------
 
-_channel_kl_op = torch.library.custom_op(
+torch.library.custom_op(
     "kdops_triton::channel_kl",
     _channel_kl_forward,
     mutates_args=(),
     schema="(Tensor student, Tensor teacher, float tau) -> (Tensor loss, Tensor row_stats)",
 )
-_channel_kl_backward_op = torch.library.custom_op(
+torch.library.custom_op(
     "kdops_triton::channel_kl_backward",
     _channel_kl_backward,
     mutates_args=(),
@@ -738,7 +741,7 @@ _channel_kl_backward_op = torch.library.custom_op(
         "-> (Tensor grad_student, Tensor grad_teacher)"
     ),
 )
-_pixel_kl_op = torch.library.custom_op(
+torch.library.custom_op(
     "kdops_triton::pixel_kl",
     _pixel_kl_forward,
     mutates_args=(),
@@ -747,7 +750,7 @@ _pixel_kl_op = torch.library.custom_op(
         "-> (Tensor loss, Tensor num_valid)"
     ),
 )
-_pixel_kl_backward_op = torch.library.custom_op(
+torch.library.custom_op(
     "kdops_triton::pixel_kl_backward",
     _pixel_kl_backward,
     mutates_args=(),
@@ -759,76 +762,7 @@ _pixel_kl_backward_op = torch.library.custom_op(
 )
 
 
-def _fake_grads(student, teacher, student_requires_grad, teacher_requires_grad):
-    return (
-        _grad_buffers(student, student_requires_grad)[0],
-        _grad_buffers(teacher, teacher_requires_grad)[0],
-    )
-
-
-@_channel_kl_op.register_fake
-def _(student, teacher, tau):
-    rows = student.shape[0] * student.shape[1]
-    loss = student.new_empty((), dtype=torch.float32)
-    return loss, student.new_empty((rows, 3), dtype=torch.float32)
-
-
-@_channel_kl_backward_op.register_fake
-def _(grad_loss, student, teacher, row_stats, tau, student_requires_grad, teacher_requires_grad):
-    return _fake_grads(student, teacher, student_requires_grad, teacher_requires_grad)
-
-
-@_pixel_kl_op.register_fake
-def _(student, teacher, target, ignore_index, tau):
-    return student.new_empty((), dtype=torch.float32), student.new_empty((), dtype=torch.int64)
-
-
-@_pixel_kl_backward_op.register_fake
-def _(grad_loss, student, teacher, target, num_valid, ignore_index, tau, student_requires_grad,
-      teacher_requires_grad):
-    return _fake_grads(student, teacher, student_requires_grad, teacher_requires_grad)
-
-
-def _channel_kl_setup_context(ctx, inputs, output):
-    student, teacher, tau = inputs
-    _, row_stats = output
-    ctx.mark_non_differentiable(row_stats)
-    ctx.save_for_backward(student, teacher, row_stats)
-    ctx.tau = tau
-
-
-def _channel_kl_autograd_backward(ctx, grad_loss, _grad_row_stats):
-    student, teacher, row_stats = ctx.saved_tensors
-    need_student, need_teacher = ctx.needs_input_grad[:2]
-    grad_s, grad_t = _channel_kl_backward_op(
-        grad_loss, student, teacher, row_stats, ctx.tau, need_student, need_teacher
-    )
-    return (grad_s if need_student else None, grad_t if need_teacher else None, None)
-
-
-def _pixel_kl_setup_context(ctx, inputs, output):
-    student, teacher, target, ignore_index, tau = inputs
-    _, num_valid = output
-    ctx.mark_non_differentiable(num_valid)
-    ctx.save_for_backward(student, teacher, target, num_valid)
-    ctx.ignore_index = ignore_index
-    ctx.tau = tau
-
-
-def _pixel_kl_autograd_backward(ctx, grad_loss, _grad_num_valid):
-    student, teacher, target, num_valid = ctx.saved_tensors
-    need_student, need_teacher = ctx.needs_input_grad[:2]
-    grad_s, grad_t = _pixel_kl_backward_op(
-        grad_loss, student, teacher, target, num_valid, ctx.ignore_index, ctx.tau,
-        need_student, need_teacher,
-    )
-    return (grad_s if need_student else None, grad_t if need_teacher else None, None, None, None)
-
-
-_channel_kl_op.register_autograd(
-    _channel_kl_autograd_backward, setup_context=_channel_kl_setup_context
-)
-_pixel_kl_op.register_autograd(_pixel_kl_autograd_backward, setup_context=_pixel_kl_setup_context)
+register_softmax_kl_ops("kdops_triton")
 
 
 # ---------------------------------------------------------------------------------------------
