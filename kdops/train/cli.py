@@ -48,6 +48,7 @@ DEFAULT_STEPS = 100
 DEFAULT_TEACHER_STEPS = 200
 DEFAULT_LABEL_TEACHER_STEPS = 100
 DEFAULT_BATCH_SIZE = 8
+DEFAULT_LR = 0.01
 DEFAULT_SYNTHETIC_SAMPLES = (1200, 200)
 DEFAULT_SYNTHETIC_SIZE = (48, 48)
 
@@ -80,7 +81,9 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps")
     group.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="batch size per process")
-    group.add_argument("--lr", type=float, default=0.01, help="initial learning rate (poly schedule, power 0.9)")
+    group.add_argument("--lr", type=float, default=None,
+                       help="initial learning rate, poly schedule with power 0.9 (default 0.01; 0.05 for the "
+                            "lane recipes)")
     group.add_argument("--momentum", type=float, default=0.9)
     group.add_argument("--weight-decay", type=float, default=1e-4)
     group.add_argument("--clip-grad", type=float, default=10.0, help="gradient-norm clip (0: off)")
@@ -145,12 +148,13 @@ def _class_weights(args, data_spec: DataSpec, num_classes: int) -> list[float] |
     return None if weight == 1.0 else [weight] + [1.0] * (num_classes - 1)
 
 
-def _train_config(args, steps: int, desc: str) -> TrainConfig:
+def _train_config(args, steps: int, desc: str, default_lr: float = DEFAULT_LR) -> TrainConfig:
     _positive("--steps", steps)
     _positive("--batch-size", args.batch_size)
     try:
         return TrainConfig(
-            steps=steps, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+            steps=steps, batch_size=args.batch_size, lr=default_lr if args.lr is None else args.lr,
+            momentum=args.momentum,
             weight_decay=args.weight_decay, clip_grad=args.clip_grad or None, amp=not args.no_amp,
             channels_last=not args.no_channels_last, eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every, seed=args.seed, num_workers=args.num_workers,
@@ -373,9 +377,13 @@ def distill_main(argv: list[str] | None = None) -> int:
         if teacher_spec is not None:
             _check_model(teacher_spec, "teacher", num_classes)
         default_teacher_steps = DEFAULT_LABEL_TEACHER_STEPS if recipe.teacher == "labels" else DEFAULT_TEACHER_STEPS
+        # A recipe's usual learning rate belongs to its usual data set and student.
+        usual = recipe.defaults
+        usual_setting = data_spec.name == usual.get("dataset") and student.name == usual.get("student")
+        default_lr = usual.get("lr", DEFAULT_LR) if usual_setting else DEFAULT_LR
         teacher_config = _train_config(args, args.teacher_steps or default_teacher_steps,
-                                       f"teacher {teacher_spec.label}" if teacher_spec else "teacher")
-        student_config = _train_config(args, args.steps, f"student {student.label}")
+                                       f"teacher {teacher_spec.label}" if teacher_spec else "teacher", default_lr)
+        student_config = _train_config(args, args.steps, f"student {student.label}", default_lr)
         distill_config = replace(student_config, desc=f"student {student.label} + {recipe.name}")
         ctx = _context(args)
     except UsageError as e:

@@ -95,7 +95,7 @@ class Recipe:
 
     teacher: ``"model"`` (a segmentation teacher reading the image), ``"labels"`` (LGAD's
     label teacher, reading the label map) or None (self-distillation). defaults: the data
-    set and student the method is usually run with (the CLI's defaults for it).
+    set, student and learning rate the method is usually run with (the CLI's defaults for it).
     ``a + b`` sums two recipes' terms.
     """
 
