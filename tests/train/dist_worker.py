@@ -1,6 +1,8 @@
 """The body of one process of the two-process tests (spawned by test_distributed.py)."""
 from __future__ import annotations
 
+import datetime
+
 import torch
 import torch.distributed as dist
 
@@ -26,7 +28,9 @@ def build_trainer(ctx: DistContext, steps: int = 2):
 
 def run(rank: int, world_size: int, init_file: str, out_file: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    # A collective that one rank never joins fails after the timeout instead of hanging CI.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=120))
     try:
         trainer = build_trainer(DistContext(rank, world_size, torch.device("cpu")))
         before = trainer.evaluate()
