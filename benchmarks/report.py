@@ -29,10 +29,11 @@ def table(result: dict) -> str:
     for row in result["rows"]:
         if "error" not in row:
             by_case.setdefault(row["case"], {})[row["variant"]] = row
+    commands = sorted({f"`{row['command']}` (copy bandwidth {row['copy_gbps']} GB/s)" for row in result["rows"]})
     lines = [
         f"**{result['device']}** — {result['date']}, torch {result['versions']['torch']}, "
-        f"triton {result['versions']['triton']}; copy bandwidth {result['copy_gbps']} GB/s. "
-        f"Forward+backward (student gradient), median ms. Command: `{result['command']}`",
+        f"triton {result['versions']['triton']}. Forward+backward (student gradient), median ms. "
+        f"Measured by: {'; '.join(commands)}.",
         "",
         "| op | shape | dtype | eager | compile | kdops (backend) | × eager | × compile "
         "| GB/s (% copy) | peak MB kdops / eager | saved MB kdops / eager |",
@@ -48,7 +49,7 @@ def table(result: dict) -> str:
         if best is None:
             cells += ["no fused kernel yet", "", "", "", "", ""]
         else:
-            pct = 100 * best["fwd_bwd_gbps"] / result["copy_gbps"]
+            pct = 100 * best["fwd_bwd_gbps"] / best["copy_gbps"]
             cells += [
                 f"{best['fwd_bwd_ms']:.3f} ({best['variant']})",
                 _fmt(eager and eager["fwd_bwd_ms"] / best["fwd_bwd_ms"], ".1f") + "×",

@@ -71,12 +71,15 @@ def main(argv=None) -> None:
     if not selected:
         parser.error(f"--ops matched no benchmark case: {args.ops}")
 
+    command = "python -m benchmarks.run " + " ".join(argv if argv is not None else os.sys.argv[1:])
+    copy_gbps = round(copy_bandwidth_gbps(args.device), 1)
     rows = []
     for case in selected:
         case_rows = measure(case, args.device, repeats=args.repeats,
                             only=tuple(args.variants) if args.variants else None)
         print(format_table(case_rows).split("\n", 1)[1], flush=True)
-        rows += case_rows
+        # Each row keeps the command and copy bandwidth of its run: a results file merges runs.
+        rows += [dict(row, command=command, copy_gbps=copy_gbps) for row in case_rows]
 
     out = args.out or os.path.join(RESULTS_DIR, f"{device_slug(args.device)}.json")
     previous = []
@@ -93,15 +96,13 @@ def main(argv=None) -> None:
             "triton": package_version("triton"),
             "kdops": package_version("kdops"),
         },
-        "copy_gbps": round(copy_bandwidth_gbps(args.device), 1),
-        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else os.sys.argv[1:]),
         "rows": previous + rows,
     }
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
         f.write("\n")
-    print(f"\n{format_table(rows)}\n\ncopy bandwidth {result['copy_gbps']} GB/s; wrote {out}")
+    print(f"\n{format_table(rows)}\n\ncopy bandwidth {copy_gbps} GB/s; wrote {out}")
 
 
 if __name__ == "__main__":
