@@ -19,70 +19,55 @@ namespace cuda {
 
 enum class DType : int32_t { kFloat32, kFloat16, kBFloat16 };
 
-struct ChannelKLForwardParams {
+// What every softmax-KL kernel reads: the two inputs as (N, C, L) and the temperature.
+struct KLInputs {
   const void* student;
   const void* teacher;
   Strides3 student_strides, teacher_strides;
   int64_t n, c, l;
   DType dtype;
-  float inv_tau;     // 1/τ
+  float inv_tau;  // 1/τ
+  int num_sms;    // multiprocessors of the device (sizes the grid)
+};
+
+// pixel_kl's labels: pixels equal to ignore_index are not counted.
+struct PixelTarget {
+  const int64_t* target;  // null: every pixel is valid
+  int64_t target_stride_n, target_stride_l;
+  int64_t ignore_index;
+};
+
+// The gradients a backward kernel writes, each once.
+struct KLGradients {
+  void* grad_student;  // null: not requested
+  void* grad_teacher;  // null: not requested
+  Strides3 grad_student_strides, grad_teacher_strides;
+};
+
+struct ChannelKLForwardParams : KLInputs {
   float loss_scale;  // τ²/(N·C)
   float* loss;       // 0-dim
   float* row_stats;  // (N·C, 3): [lse_s, lse_t, KL] of each row of τ-scaled logits
   void* workspace;   // channel_kl_forward_workspace_bytes(params) bytes
-  int num_sms;       // multiprocessors of the device (sizes the grid)
 };
 
-struct ChannelKLBackwardParams {
-  const void* student;
-  const void* teacher;
-  Strides3 student_strides, teacher_strides;
-  void* grad_student;  // null: not requested
-  void* grad_teacher;  // null: not requested
-  Strides3 grad_student_strides, grad_teacher_strides;
-  int64_t n, c, l;
-  DType dtype;
-  float inv_tau;           // 1/τ
+struct ChannelKLBackwardParams : KLInputs, KLGradients {
   float tau_over_rows;     // τ/(N·C)
   const float* grad_loss;  // 0-dim, on the device
   const float* row_stats;  // (N·C, 3) contiguous, from the forward
-  int num_sms;
 };
 
-struct PixelKLForwardParams {
-  const void* student;
-  const void* teacher;
-  Strides3 student_strides, teacher_strides;
-  const int64_t* target;  // null: every pixel is valid
-  int64_t target_stride_n, target_stride_l;
-  int64_t ignore_index;
-  int64_t n, c, l;
-  DType dtype;
-  float inv_tau;   // 1/τ
-  float tau_sq;    // τ²
-  float* loss;     // 0-dim
+struct PixelKLForwardParams : KLInputs, PixelTarget {
+  float tau_sq;        // τ²
+  float* loss;         // 0-dim
   int64_t* num_valid;  // 0-dim
   void* workspace;     // pixel_kl_forward_workspace_bytes(params) bytes
-  int num_sms;
 };
 
-struct PixelKLBackwardParams {
-  const void* student;
-  const void* teacher;
-  Strides3 student_strides, teacher_strides;
-  const int64_t* target;  // null: every pixel is valid
-  int64_t target_stride_n, target_stride_l;
-  int64_t ignore_index;
-  void* grad_student;  // null: not requested
-  void* grad_teacher;  // null: not requested
-  Strides3 grad_student_strides, grad_teacher_strides;
-  int64_t n, c, l;
-  DType dtype;
-  float inv_tau;             // 1/τ
+struct PixelKLBackwardParams : KLInputs, PixelTarget, KLGradients {
   float tau;                 // τ
   const float* grad_loss;    // 0-dim, on the device
   const int64_t* num_valid;  // 0-dim, on the device, from the forward
-  int num_sms;
 };
 
 size_t channel_kl_forward_workspace_bytes(const ChannelKLForwardParams& params);

@@ -113,6 +113,41 @@ Tensor workspace(size_t bytes, const Tensor& like) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
 
+// The inputs' pointers, (N, C, L) strides and sizes, dtype, 1/τ and the device's SM count.
+void fill_inputs(KLInputs& p, const Tensor& s, const Tensor& t, double tau) {
+  p.student = s.const_data_ptr();
+  p.teacher = t.const_data_ptr();
+  p.student_strides = *row_strides(s);
+  p.teacher_strides = *row_strides(t);
+  p.n = s.size(0);
+  p.c = s.size(1);
+  p.l = s.numel() / (p.n * p.c);
+  p.dtype = dtype_of(s);
+  p.inv_tau = static_cast<float>(1.0 / tau);
+  p.num_sms = num_sms(s);
+}
+
+void fill_target(PixelTarget& p, const Tensor& labels, int64_t ignore_index) {
+  if (labels.defined()) {
+    p.target = labels.const_data_ptr<int64_t>();
+    p.target_stride_n = labels.stride(0);
+    p.target_stride_l = *merged_stride(labels, 1);
+  }
+  p.ignore_index = ignore_index;
+}
+
+void fill_gradients(KLGradients& p, const std::optional<GradOut>& grad_s,
+                    const std::optional<GradOut>& grad_t) {
+  if (grad_s) {
+    p.grad_student = grad_s->written.data_ptr();
+    p.grad_student_strides = *row_strides(grad_s->written);
+  }
+  if (grad_t) {
+    p.grad_teacher = grad_t->written.data_ptr();
+    p.grad_teacher_strides = *row_strides(grad_t->written);
+  }
+}
+
 std::tuple<Tensor, Tensor> channel_kl_cuda(const Tensor& student, const Tensor& teacher,
                                            double tau) {
   check_pair(student, teacher);
@@ -125,19 +160,10 @@ std::tuple<Tensor, Tensor> channel_kl_cuda(const Tensor& student, const Tensor& 
   Tensor row_stats = at::empty({n * c, 3}, f32);
 
   ChannelKLForwardParams p{};
-  p.student = s.const_data_ptr();
-  p.teacher = t.const_data_ptr();
-  p.student_strides = *row_strides(s);
-  p.teacher_strides = *row_strides(t);
-  p.n = n;
-  p.c = c;
-  p.l = s.numel() / (n * c);
-  p.dtype = dtype_of(s);
-  p.inv_tau = static_cast<float>(1.0 / tau);
+  fill_inputs(p, s, t, tau);
   p.loss_scale = static_cast<float>(tau * tau / static_cast<double>(n * c));
   p.loss = loss.data_ptr<float>();
   p.row_stats = row_stats.data_ptr<float>();
-  p.num_sms = num_sms(s);
   const Tensor scratch = workspace(channel_kl_forward_workspace_bytes(p), s);
   p.workspace = scratch.data_ptr();
   C10_CUDA_CHECK(launch_channel_kl_forward(p, c10::cuda::getCurrentCUDAStream()));
@@ -171,27 +197,11 @@ std::tuple<Tensor, Tensor> channel_kl_backward_cuda(const Tensor& grad_loss, con
   if (teacher_requires_grad) grad_t.emplace(teacher);
 
   ChannelKLBackwardParams p{};
-  p.student = s.const_data_ptr();
-  p.teacher = t.const_data_ptr();
-  p.student_strides = *row_strides(s);
-  p.teacher_strides = *row_strides(t);
-  if (grad_s) {
-    p.grad_student = grad_s->written.data_ptr();
-    p.grad_student_strides = *row_strides(grad_s->written);
-  }
-  if (grad_t) {
-    p.grad_teacher = grad_t->written.data_ptr();
-    p.grad_teacher_strides = *row_strides(grad_t->written);
-  }
-  p.n = n;
-  p.c = c;
-  p.l = s.numel() / (n * c);
-  p.dtype = dtype_of(s);
-  p.inv_tau = static_cast<float>(1.0 / tau);
+  fill_inputs(p, s, t, tau);
+  fill_gradients(p, grad_s, grad_t);
   p.tau_over_rows = static_cast<float>(tau / static_cast<double>(n * c));
   p.grad_loss = g.const_data_ptr<float>();
   p.row_stats = stats.const_data_ptr<float>();
-  p.num_sms = num_sms(s);
   C10_CUDA_CHECK(launch_channel_kl_backward(p, c10::cuda::getCurrentCUDAStream()));
   if (grad_s) grad_s->finish();
   if (grad_t) grad_t->finish();
@@ -207,30 +217,15 @@ std::tuple<Tensor, Tensor> pixel_kl_cuda(const Tensor& student, const Tensor& te
   const c10::cuda::CUDAGuard device_guard(student.device());
   const Tensor s = readable(student), t = readable(teacher);
   const Tensor labels = labels_of(target);
-  const int64_t n = s.size(0), c = s.size(1);
   Tensor loss = at::empty({}, s.options().dtype(at::kFloat));
   Tensor num_valid = at::empty({}, s.options().dtype(at::kLong));
 
   PixelKLForwardParams p{};
-  p.student = s.const_data_ptr();
-  p.teacher = t.const_data_ptr();
-  p.student_strides = *row_strides(s);
-  p.teacher_strides = *row_strides(t);
-  if (labels.defined()) {
-    p.target = labels.const_data_ptr<int64_t>();
-    p.target_stride_n = labels.stride(0);
-    p.target_stride_l = *merged_stride(labels, 1);
-  }
-  p.ignore_index = ignore_index;
-  p.n = n;
-  p.c = c;
-  p.l = s.numel() / (n * c);
-  p.dtype = dtype_of(s);
-  p.inv_tau = static_cast<float>(1.0 / tau);
+  fill_inputs(p, s, t, tau);
+  fill_target(p, labels, ignore_index);
   p.tau_sq = static_cast<float>(tau * tau);
   p.loss = loss.data_ptr<float>();
   p.num_valid = num_valid.data_ptr<int64_t>();
-  p.num_sms = num_sms(s);
   const Tensor scratch = workspace(pixel_kl_forward_workspace_bytes(p), s);
   p.workspace = scratch.data_ptr();
   C10_CUDA_CHECK(launch_pixel_kl_forward(p, c10::cuda::getCurrentCUDAStream()));
@@ -261,33 +256,12 @@ std::tuple<Tensor, Tensor> pixel_kl_backward_cuda(const Tensor& grad_loss, const
   if (teacher_requires_grad) grad_t.emplace(teacher);
 
   PixelKLBackwardParams p{};
-  p.student = s.const_data_ptr();
-  p.teacher = t.const_data_ptr();
-  p.student_strides = *row_strides(s);
-  p.teacher_strides = *row_strides(t);
-  if (labels.defined()) {
-    p.target = labels.const_data_ptr<int64_t>();
-    p.target_stride_n = labels.stride(0);
-    p.target_stride_l = *merged_stride(labels, 1);
-  }
-  p.ignore_index = ignore_index;
-  if (grad_s) {
-    p.grad_student = grad_s->written.data_ptr();
-    p.grad_student_strides = *row_strides(grad_s->written);
-  }
-  if (grad_t) {
-    p.grad_teacher = grad_t->written.data_ptr();
-    p.grad_teacher_strides = *row_strides(grad_t->written);
-  }
-  p.n = s.size(0);
-  p.c = s.size(1);
-  p.l = s.numel() / (p.n * p.c);
-  p.dtype = dtype_of(s);
-  p.inv_tau = static_cast<float>(1.0 / tau);
+  fill_inputs(p, s, t, tau);
+  fill_target(p, labels, ignore_index);
+  fill_gradients(p, grad_s, grad_t);
   p.tau = static_cast<float>(tau);
   p.grad_loss = g.const_data_ptr<float>();
   p.num_valid = count.const_data_ptr<int64_t>();
-  p.num_sms = num_sms(s);
   C10_CUDA_CHECK(launch_pixel_kl_backward(p, c10::cuda::getCurrentCUDAStream()));
   if (grad_s) grad_s->finish();
   if (grad_t) grad_t->finish();

@@ -1,6 +1,7 @@
 """Process-group setup for multi-process training (``torchrun``) and data sharding."""
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,7 +52,21 @@ def init_from_env(device: str | None = None) -> DistContext:
         torch.cuda.set_device(chosen)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        atexit.register(shutdown)
     return DistContext(rank, world_size, chosen)
+
+
+def shutdown() -> None:
+    """Leave the process group (no-op for a single process).
+
+    gloo's worker threads release the tensors of finished collectives, and releasing a tensor
+    that Python created (all_gather_object's) takes the GIL. Destroying the group joins those
+    threads with the GIL held, so one of them caught mid-release deadlocks the exit (seen in the
+    two-process test). The barrier waits with the GIL released, letting them finish first.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def context_of_group(device: torch.device) -> DistContext:

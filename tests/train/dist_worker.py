@@ -6,7 +6,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from kdops.train.distributed import DistContext
+from kdops.train.distributed import DistContext, shutdown
 
 from tests.train import helpers
 
@@ -38,5 +38,6 @@ def run(rank: int, world_size: int, init_file: str, out_file: str) -> None:
         if rank == 0:
             torch.save({"history": trainer.history, "before": before,
                         "params": [p.detach() for p in trainer.distiller.student.parameters()]}, out_file)
+        del trainer  # DDP's reducer holds the group: release it while the group is up
     finally:
-        dist.destroy_process_group()
+        shutdown()
