@@ -38,4 +38,35 @@ TORCH_LIBRARY(kdops, m) {
       "pixel_kl_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? target, "
       "Tensor num_valid, int ignore_index, float tau, bool student_requires_grad, "
       "bool teacher_requires_grad) -> (Tensor grad_student, Tensor grad_teacher)");
+
+  // Class prototypes (kdops/ops/prototypes.py). Features (N, C, H, W); labels (N, H_l, W_l)
+  // integers, read at (H, W) by nearest neighbour. Prototypes and losses are float32 (float64
+  // for float64 features); counts int64. prototype_pool: protos (N, K, C) per image or (K, C)
+  // per batch, counts (N, K) or (K,). class_variation_loss also returns what its backward
+  // needs: both sides' per-image prototypes (N, K, C) and the counts (N, K).
+  // The backward ops return an empty tensor for a gradient not requested.
+  m.def(
+      "prototype_pool(Tensor x, Tensor labels, int num_classes, int ignore_index, bool per_image) "
+      "-> (Tensor protos, Tensor counts)");
+  m.def(
+      "prototype_pool_backward(Tensor grad_protos, Tensor x, Tensor labels, Tensor counts, "
+      "int ignore_index) -> Tensor grad_x");
+  m.def(
+      "prototype_kl(Tensor student, Tensor teacher, Tensor student_protos, Tensor teacher_protos, "
+      "Tensor counts, float tau) -> Tensor loss");
+  m.def(
+      "prototype_kl_backward(Tensor grad_loss, Tensor student, Tensor teacher, "
+      "Tensor student_protos, Tensor teacher_protos, Tensor counts, float tau, "
+      "bool student_requires_grad, bool teacher_requires_grad, bool student_protos_requires_grad, "
+      "bool teacher_protos_requires_grad) -> (Tensor grad_student, Tensor grad_teacher, "
+      "Tensor grad_student_protos, Tensor grad_teacher_protos)");
+  m.def(
+      "class_variation_loss(Tensor student, Tensor teacher, Tensor labels, int num_classes, "
+      "int ignore_index) -> (Tensor loss, Tensor student_protos, Tensor teacher_protos, "
+      "Tensor counts)");
+  m.def(
+      "class_variation_loss_backward(Tensor grad_loss, Tensor student, Tensor teacher, "
+      "Tensor labels, Tensor student_protos, Tensor teacher_protos, Tensor counts, "
+      "int ignore_index, bool student_requires_grad, bool teacher_requires_grad) "
+      "-> (Tensor grad_student, Tensor grad_teacher)");
 }

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from kdops import _checks, backend as _backend
+from kdops import _checks, _extension, backend as _backend
 
 
 def _check_classes(num_classes, ignore_index) -> tuple[int, int]:
@@ -156,3 +156,163 @@ def class_variation_loss(
     return _backend.dispatch("class_variation_loss", backend, student)(
         student, teacher, labels, num_classes, ignore_index
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The C++ extension (backends "cpu" and "cuda") and the Triton kernels: the
+# ``<namespace>::{prototype_pool, prototype_kl, class_variation_loss}{, _backward}`` ops of
+# csrc/kdops.cpp, made differentiable here. What autograd keeps (DESIGN contract): the inputs,
+# the labels, the counts and, for class_variation_loss, the (N, K, C) prototypes of both sides;
+# never a (K × L) observation tensor or a copy of the features.
+
+
+def _prototype_pool_extension(x, labels, num_classes, ignore_index, per_image):
+    return tuple(torch.ops.kdops.prototype_pool(x, labels, num_classes, ignore_index, per_image))
+
+
+def _prototype_kl_extension(student, teacher, student_protos, teacher_protos, counts, tau):
+    return torch.ops.kdops.prototype_kl(student, teacher, student_protos, teacher_protos, counts, tau)
+
+
+def _class_variation_loss_extension(student, teacher, labels, num_classes, ignore_index):
+    loss, _, _, _ = torch.ops.kdops.class_variation_loss(student, teacher, labels, num_classes, ignore_index)
+    return loss
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _prototype_pool_fake(x, labels, num_classes, ignore_index, per_image):
+    n, c = x.shape[:2]
+    leading = (n, num_classes) if per_image else (num_classes,)
+    return x.new_empty((*leading, c), dtype=_acc_dtype(x)), x.new_empty(leading, dtype=torch.int64)
+
+
+def _prototype_pool_backward_fake(grad_protos, x, labels, counts, ignore_index):
+    return torch.empty_like(x)
+
+
+def _prototype_kl_fake(student, teacher, student_protos, teacher_protos, counts, tau):
+    return student.new_empty((), dtype=_acc_dtype(student))
+
+
+def _requested(x: torch.Tensor, wanted: bool) -> torch.Tensor:
+    return torch.empty_like(x) if wanted else x.new_empty((0,))
+
+
+def _prototype_kl_backward_fake(
+    grad_loss, student, teacher, student_protos, teacher_protos, counts, tau,
+    student_requires_grad, teacher_requires_grad, student_protos_requires_grad,
+    teacher_protos_requires_grad,
+):
+    return (
+        _requested(student, student_requires_grad),
+        _requested(teacher, teacher_requires_grad),
+        student_protos.new_empty(student_protos.shape if student_protos_requires_grad else (0,)),
+        teacher_protos.new_empty(teacher_protos.shape if teacher_protos_requires_grad else (0,)),
+    )
+
+
+def _class_variation_loss_fake(student, teacher, labels, num_classes, ignore_index):
+    n = student.shape[0]
+    acc = _acc_dtype(student)
+    return (
+        student.new_empty((), dtype=acc),
+        student.new_empty((n, num_classes, student.shape[1]), dtype=acc),
+        student.new_empty((n, num_classes, teacher.shape[1]), dtype=acc),
+        student.new_empty((n, num_classes), dtype=torch.int64),
+    )
+
+
+def _class_variation_loss_backward_fake(
+    grad_loss, student, teacher, labels, student_protos, teacher_protos, counts, ignore_index,
+    student_requires_grad, teacher_requires_grad,
+):
+    return _requested(student, student_requires_grad), _requested(teacher, teacher_requires_grad)
+
+
+def _prototype_pool_setup_context(ctx, inputs, output):
+    x, labels, _, ignore_index, _ = inputs
+    _, counts = output
+    ctx.mark_non_differentiable(counts)
+    ctx.save_for_backward(x, labels, counts)
+    ctx.ignore_index = ignore_index
+
+
+def _prototype_kl_setup_context(ctx, inputs, output):
+    student, teacher, student_protos, teacher_protos, counts, tau = inputs
+    ctx.save_for_backward(student, teacher, student_protos, teacher_protos, counts)
+    ctx.tau = tau
+
+
+def _class_variation_loss_setup_context(ctx, inputs, output):
+    student, teacher, labels, _, ignore_index = inputs
+    _, student_protos, teacher_protos, counts = output
+    ctx.mark_non_differentiable(student_protos, teacher_protos, counts)
+    ctx.save_for_backward(student, teacher, labels, student_protos, teacher_protos, counts)
+    ctx.ignore_index = ignore_index
+
+
+def register_prototype_ops(namespace: str) -> None:
+    """Fake kernels and autograd for ``<namespace>::{prototype_pool, prototype_kl,
+    class_variation_loss}`` and their backward ops (the same schemas in the C++ extension,
+    ``kdops``, and the Triton kernels, ``kdops_triton``)."""
+    ops = getattr(torch.ops, namespace)
+
+    def prototype_pool_backward(ctx, grad_protos, _grad_counts):
+        x, labels, counts = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        grad_x = ops.prototype_pool_backward(grad_protos, x, labels, counts, ctx.ignore_index)
+        return grad_x, None, None, None, None
+
+    def prototype_kl_backward(ctx, grad_loss):
+        student, teacher, student_protos, teacher_protos, counts = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:4])
+        if not any(needs):
+            return None, None, None, None, None, None
+        grads = ops.prototype_kl_backward(
+            grad_loss, student, teacher, student_protos, teacher_protos, counts, ctx.tau, *needs
+        )
+        return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None)
+
+    def class_variation_loss_backward(ctx, grad_loss, _gs, _gt, _gc):
+        student, teacher, labels, student_protos, teacher_protos, counts = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:2])
+        if not any(needs):
+            return None, None, None, None, None
+        grad_student, grad_teacher = ops.class_variation_loss_backward(
+            grad_loss, student, teacher, labels, student_protos, teacher_protos, counts,
+            ctx.ignore_index, *needs,
+        )
+        return (
+            grad_student if needs[0] else None,
+            grad_teacher if needs[1] else None,
+            None, None, None,
+        )
+
+    for name, fake in (
+        ("prototype_pool", _prototype_pool_fake),
+        ("prototype_pool_backward", _prototype_pool_backward_fake),
+        ("prototype_kl", _prototype_kl_fake),
+        ("prototype_kl_backward", _prototype_kl_backward_fake),
+        ("class_variation_loss", _class_variation_loss_fake),
+        ("class_variation_loss_backward", _class_variation_loss_backward_fake),
+    ):
+        torch.library.register_fake(f"{namespace}::{name}", fake)
+    torch.library.register_autograd(
+        f"{namespace}::prototype_pool", prototype_pool_backward,
+        setup_context=_prototype_pool_setup_context,
+    )
+    torch.library.register_autograd(
+        f"{namespace}::prototype_kl", prototype_kl_backward, setup_context=_prototype_kl_setup_context
+    )
+    torch.library.register_autograd(
+        f"{namespace}::class_variation_loss", class_variation_loss_backward,
+        setup_context=_class_variation_loss_setup_context,
+    )
+
+
+if _extension.loaded():
+    register_prototype_ops("kdops")

@@ -1,0 +1,674 @@
+"""The fused backends of prototype_pool, prototype_kl and class_variation_loss against the float64
+reference.
+
+Every fused backend that implements the ops runs here (``backend_params``): the C++ CPU kernels,
+the Triton kernels (under TRITON_INTERPRET=1 on machines without a GPU: small shapes) and the
+CUDA kernels on GPU machines. The extension's ops live in ``torch.ops.kdops``, the Triton ones in
+``torch.ops.kdops_triton``, with the same schemas.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kdops
+from kdops import backend as kd_backend
+from kdops.reference import prototypes as ref
+from tests.utils import TOLERANCES, backend_params, make_layout
+
+POOL_BACKENDS = backend_params("prototype_pool")
+KL_BACKENDS = backend_params("prototype_kl")
+VARIATION_BACKENDS = backend_params("class_variation_loss")
+CPU_ONLY = [p for p in POOL_BACKENDS if p.id == "cpu-cpu"]
+EXTENSION_BACKENDS = [p for p in POOL_BACKENDS if p.id in ("cpu-cpu", "cuda-cuda")]
+
+# (N, C, H, W), K, label map (H_l, W_l): equal, larger (downsampled by nearest), smaller
+# (upsampled, 2× exactly and not), one pixel; small enough for the Triton interpreter.
+CASES = [
+    pytest.param((2, 3, 5, 7), 4, (5, 7), id="odd-5x7-K4"),
+    pytest.param((2, 6, 4, 6), 5, (9, 13), id="labels-larger"),
+    pytest.param((2, 5, 6, 8), 3, (3, 4), id="labels-half"),
+    pytest.param((1, 4, 7, 5), 6, (3, 2), id="labels-smaller-N1"),
+    pytest.param((3, 2, 1, 1), 2, (1, 1), id="L1"),
+    pytest.param((2, 9, 3, 11), 1, (6, 11), id="K1"),
+    pytest.param((2, 7, 6, 6), 150, (12, 12), id="K150"),
+]
+# CPU only: several tiles and work chunks per image, channel blocks with a ragged end.
+LARGE_CASES = [
+    pytest.param((2, 37, 23, 29), 19, (46, 58), id="37ch-23x29-K19"),
+    pytest.param((1, 64, 48, 70), 8, (24, 35), id="64ch-48x70"),
+]
+LAYOUTS = ("contiguous", "channels_last", "strided")
+TAUS = [pytest.param(0.1, id="tau0.1"), pytest.param(1.0, id="tau1")]
+
+
+def ops(backend):
+    """The op namespace of a fused backend (same schemas in both)."""
+    if backend == "triton":
+        importlib.import_module("kdops.triton.prototypes")
+        return torch.ops.kdops_triton
+    return torch.ops.kdops
+
+
+def make_features(shape, dtype, layout, device, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (scale * torch.randn(shape, generator=g)).to(dtype)
+    return make_layout(x.to(device), layout)
+
+
+def make_labels(n, size, num_classes, device, ignored=0.2, seed=1, ignore_index=255):
+    """Blocky labels (neighbouring pixels share classes, as in segmentation maps), some ignored."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    coarse = torch.randint(0, num_classes, (n, (h + 1) // 2, (w + 1) // 2), generator=g)
+    labels = coarse.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, :h, :w].contiguous()
+    noise = torch.randint(0, num_classes, (n, h, w), generator=g)
+    labels = torch.where(torch.rand(n, h, w, generator=g) < 0.3, noise, labels)
+    labels[torch.rand(n, h, w, generator=g) < ignored] = ignore_index
+    return labels.to(device)
+
+
+def as_float64(*tensors):
+    return [t.detach().double().cpu().requires_grad_(True) for t in tensors]
+
+
+def out_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# DESIGN.md's gradient tolerance of each dtype: a gradient is returned rounded to its input's dtype.
+GRAD_TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def assert_close(got, expected, tol, name, unit=0.0):
+    """Relative-norm error within tol, and every element within tol of the largest magnitude
+    (no element left unwritten or wrong where the norm would hide it). ``unit``: the natural
+    scale of an element (a gradient of a mean over N·L pixels: 1/(N·L)), the floor of both
+    scales where the exact values vanish and only rounding noise is left."""
+    assert got is not None, f"no {name}"
+    assert got.shape == expected.shape, (name, got.shape, expected.shape)
+    assert torch.isfinite(got).all(), f"{name} has non-finite values"
+    got64, expected64 = got.detach().double().cpu(), expected.detach().double().cpu()
+    norm_floor = unit * expected64.numel() ** 0.5
+    error = (got64 - expected64).norm().item() / max(expected64.norm().item(), norm_floor, 1e-300)
+    assert error <= tol, f"{name}: relative error {error:.3g} > {tol}"
+    scale = max(expected64.abs().max().item(), unit, 1e-300)
+    worst = (got64 - expected64).abs().max().item()
+    assert worst <= tol * scale, f"{name}: max element error {worst:.3g} vs scale {scale:.3g}"
+
+
+def pixel_unit(x):
+    """1/(N·L): the scale of a gradient element of a mean over the pixels."""
+    return 1.0 / (x.shape[0] * x.shape[2] * x.shape[3])
+
+
+# ---------------------------------------------------------------------------------------------
+# prototype_pool
+
+
+def check_pool(backend, x, labels, num_classes, tol, grad_tol, per_image, ignore_index=255):
+    x = x.detach().requires_grad_(True)
+    protos, counts = kdops.prototype_pool(x, labels, num_classes, ignore_index, per_image, backend=backend)
+    (x64,) = as_float64(x)
+    expected, expected_counts = ref.prototype_pool(x64, labels.cpu(), num_classes, ignore_index, per_image)
+    assert protos.dtype == out_dtype(x) and counts.dtype == torch.int64
+    assert torch.equal(counts.cpu(), expected_counts)
+    assert_close(protos, expected, tol, "protos")
+    # A class with count 0 has an exactly zero prototype.
+    assert not protos[counts == 0].any()
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    (grad,) = torch.autograd.grad((protos * weights.to(protos)).sum(), x)
+    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), x64)
+    assert grad.dtype == x.dtype
+    assert_close(grad, grad_expected, grad_tol, "grad x")
+
+
+@pytest.mark.parametrize("device,backend", POOL_BACKENDS)
+@pytest.mark.parametrize("dtype,tol,grad_tol", TOLERANCES)
+@pytest.mark.parametrize("shape,num_classes,label_size", CASES)
+@pytest.mark.parametrize("per_image", [True, False], ids=["per-image", "per-batch"])
+def test_prototype_pool_matches_reference(device, backend, dtype, tol, grad_tol, shape, num_classes,
+                                          label_size, per_image):
+    labels = make_labels(shape[0], label_size, num_classes, device)
+    for layout in LAYOUTS:
+        x = make_features(shape, dtype, layout, device)
+        check_pool(backend, x, labels, num_classes, tol, grad_tol, per_image)
+
+
+@pytest.mark.parametrize("device,backend", CPU_ONLY)
+@pytest.mark.parametrize("dtype,tol,grad_tol", TOLERANCES)
+@pytest.mark.parametrize("shape,num_classes,label_size", LARGE_CASES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_prototype_pool_large_cpu(device, backend, dtype, tol, grad_tol, shape, num_classes,
+                                  label_size, layout):
+    labels = make_labels(shape[0], label_size, num_classes, device)
+    x = make_features(shape, dtype, layout, device)
+    for per_image in (True, False):
+        check_pool(backend, x, labels, num_classes, tol, grad_tol, per_image)
+
+
+# ---------------------------------------------------------------------------------------------
+# prototype_kl
+
+
+def kl_inputs(shape, teacher_channels, num_classes, label_size, dtype, layout, device, per_image,
+              seed=0, protos_dtype=None):
+    """Student/teacher features, their prototypes (pooled by the reference, in protos_dtype) and
+    the counts."""
+    s = make_features(shape, dtype, layout, device, seed=seed)
+    t = make_features((shape[0], teacher_channels, *shape[2:]), dtype, layout, device, seed=seed + 1)
+    labels = make_labels(shape[0], label_size, num_classes, device, seed=seed + 2)
+    s_protos, counts = ref.prototype_pool(s.float(), labels, num_classes, 255, per_image)
+    t_protos, _ = ref.prototype_pool(t.float(), labels, num_classes, 255, per_image)
+    protos_dtype = protos_dtype or out_dtype(s)
+    return s, t, s_protos.to(protos_dtype), t_protos.to(protos_dtype), counts
+
+
+def check_kl(backend, s, t, s_protos, t_protos, counts, tau, tol, grad_tol):
+    inputs = [v.detach().requires_grad_(True) for v in (s, t, s_protos, t_protos)]
+    loss = kdops.prototype_kl(*inputs, counts, tau, backend=backend)
+    inputs64 = as_float64(*inputs)
+    expected = ref.prototype_kl(*inputs64, counts.cpu(), tau)
+    assert loss.dim() == 0 and loss.dtype == out_dtype(s)
+    assert abs(loss.item() - expected.item()) <= tol * max(abs(expected.item()), 1e-6), (
+        loss.item(), expected.item())
+    grads = torch.autograd.grad(loss, inputs)
+    expected_grads = torch.autograd.grad(expected, inputs64)
+    names = ("student", "teacher", "student_protos", "teacher_protos")
+    for name, x, grad, grad_expected in zip(names, inputs, grads, expected_grads):
+        assert grad.dtype == x.dtype, name
+        if grad_expected.abs().max() == 0:
+            assert not grad.any(), f"{name}: gradient should be exactly 0"
+        else:
+            assert_close(grad, grad_expected, max(grad_tol, GRAD_TOLERANCE[x.dtype]), f"grad {name}",
+                         unit=pixel_unit(s))
+
+
+@pytest.mark.parametrize("device,backend", KL_BACKENDS)
+@pytest.mark.parametrize("dtype,tol,grad_tol", TOLERANCES)
+@pytest.mark.parametrize("shape,num_classes,label_size", CASES)
+@pytest.mark.parametrize("per_image", [True, False], ids=["per-image", "per-batch"])
+def test_prototype_kl_matches_reference(device, backend, dtype, tol, grad_tol, shape, num_classes,
+                                        label_size, per_image):
+    for layout in LAYOUTS:
+        inputs = kl_inputs(shape, shape[1] + 2, num_classes, label_size, dtype, layout, device, per_image)
+        check_kl(backend, *inputs, 0.1, tol, grad_tol)
+
+
+@pytest.mark.parametrize("device,backend", KL_BACKENDS)
+@pytest.mark.parametrize("tau", TAUS)
+@pytest.mark.parametrize("protos_dtype", [torch.float64, torch.bfloat16], ids=["protos-fp64", "protos-bf16"])
+def test_prototype_kl_tau_and_protos_dtype(device, backend, tau, protos_dtype):
+    inputs = kl_inputs((2, 5, 4, 6), 3, 5, (4, 6), torch.float32, "contiguous", device, True,
+                       seed=3, protos_dtype=protos_dtype)
+    check_kl(backend, *inputs, tau, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("device,backend", CPU_ONLY)
+@pytest.mark.parametrize("dtype,tol,grad_tol", TOLERANCES)
+@pytest.mark.parametrize("shape,num_classes,label_size", LARGE_CASES)
+@pytest.mark.parametrize("per_image", [True, False], ids=["per-image", "per-batch"])
+def test_prototype_kl_large_cpu(device, backend, dtype, tol, grad_tol, shape, num_classes,
+                                label_size, per_image):
+    inputs = kl_inputs(shape, 2 * shape[1], num_classes, label_size, dtype, "channels_last", device,
+                       per_image, seed=4)
+    check_kl(backend, *inputs, 0.1, tol, grad_tol)
+
+
+@pytest.mark.parametrize("device,backend", KL_BACKENDS)
+def test_prototype_kl_absent_classes_and_empty_images(device, backend):
+    """Absent classes (count 0, zero prototype) are left out of the softmax and get zero
+    gradient; an image with no present class contributes 0 and gets zero gradient."""
+    s, t, s_protos, t_protos, counts = kl_inputs((3, 4, 5, 6), 3, 6, (5, 6), torch.float32,
+                                                 "contiguous", device, True, seed=6)
+    counts = counts.clone()
+    counts[0, 1:4] = 0
+    counts[1] = 0  # image 1: nothing present
+    s_protos, t_protos = s_protos.clone(), t_protos.clone()
+    s_protos[counts == 0] = 0
+    t_protos[counts == 0] = 0
+    check_kl(backend, s, t, s_protos, t_protos, counts, 0.1, 1e-5, 1e-5)
+    a, b, ps, pt = [v.detach().requires_grad_(True) for v in (s, t, s_protos, t_protos)]
+    grads = torch.autograd.grad(kdops.prototype_kl(a, b, ps, pt, counts, backend=backend), (a, b, ps, pt))
+    for grad in grads:
+        assert torch.isfinite(grad).all()
+    assert not grads[0][1].any() and not grads[1][1].any()
+    assert not grads[2][counts == 0].any() and not grads[3][counts == 0].any()
+
+
+@pytest.mark.parametrize("device,backend", KL_BACKENDS)
+def test_prototype_kl_nothing_present_gives_zero(device, backend):
+    s, t, s_protos, t_protos, counts = kl_inputs((2, 4, 3, 5), 4, 3, (3, 5), torch.float32,
+                                                 "contiguous", device, False)
+    zero_counts = torch.zeros_like(counts)
+    inputs = [v.detach().requires_grad_(True) for v in (s, t, s_protos, t_protos)]
+    loss = kdops.prototype_kl(*inputs, zero_counts, backend=backend)
+    assert loss.item() == 0.0
+    for grad in torch.autograd.grad(loss, inputs):
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("device,backend", KL_BACKENDS)
+def test_prototype_kl_identical_sides_give_zero(device, backend):
+    s, _, s_protos, _, counts = kl_inputs((2, 4, 5, 6), 4, 5, (5, 6), torch.float32, "contiguous",
+                                          device, True)
+    assert kdops.prototype_kl(s, s.clone(), s_protos, s_protos.clone(), counts, 0.05,
+                              backend=backend).item() == 0.0
+
+
+@pytest.mark.parametrize("device,backend", KL_BACKENDS)
+def test_prototype_kl_zero_feature_pixels(device, backend):
+    """Pixels of all-zero features (‖x‖ < eps: F.normalize's clamp) and a zero prototype of a
+    present class: finite values and the reference's gradients."""
+    s, t, s_protos, t_protos, counts = kl_inputs((2, 3, 4, 5), 3, 4, (4, 5), torch.float32,
+                                                 "contiguous", device, True, seed=8)
+    s, s_protos = s.clone(), s_protos.clone()
+    s[:, :, 1, 2] = 0
+    s_protos[0, int(counts[0].argmax())] = 0
+    check_kl(backend, s, t, s_protos, t_protos, counts, 0.1, 1e-5, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# class_variation_loss
+
+
+def check_variation(backend, s, t, labels, num_classes, tol, grad_tol, ignore_index=255):
+    a, b = s.detach().requires_grad_(True), t.detach().requires_grad_(True)
+    loss = kdops.class_variation_loss(a, b, labels, num_classes, ignore_index, backend=backend)
+    a64, b64 = as_float64(a, b)
+    expected = ref.class_variation_loss(a64, b64, labels.cpu(), num_classes, ignore_index)
+    assert loss.dim() == 0 and loss.dtype == out_dtype(s)
+    assert abs(loss.item() - expected.item()) <= tol * max(abs(expected.item()), 1e-6), (
+        loss.item(), expected.item())
+    grads = torch.autograd.grad(loss, (a, b))
+    expected_grads = torch.autograd.grad(expected, (a64, b64))
+    for name, x, grad, grad_expected in zip(("student", "teacher"), (a, b), grads, expected_grads):
+        assert grad.dtype == x.dtype
+        if grad_expected.abs().max() == 0:
+            assert not grad.any(), f"{name}: gradient should be exactly 0"
+        else:
+            assert_close(grad, grad_expected, grad_tol, f"grad {name}", unit=pixel_unit(s))
+
+
+@pytest.mark.parametrize("device,backend", VARIATION_BACKENDS)
+@pytest.mark.parametrize("dtype,tol,grad_tol", TOLERANCES)
+@pytest.mark.parametrize("shape,num_classes,label_size", CASES)
+def test_class_variation_loss_matches_reference(device, backend, dtype, tol, grad_tol, shape,
+                                                num_classes, label_size):
+    labels = make_labels(shape[0], label_size, num_classes, device, seed=2)
+    for layout in LAYOUTS:
+        s = make_features(shape, dtype, layout, device, seed=3)
+        t = make_features((shape[0], shape[1] + 3, *shape[2:]), dtype, layout, device, seed=4)
+        check_variation(backend, s, t, labels, num_classes, tol, grad_tol)
+
+
+@pytest.mark.parametrize("device,backend", CPU_ONLY)
+@pytest.mark.parametrize("dtype,tol,grad_tol", TOLERANCES)
+@pytest.mark.parametrize("shape,num_classes,label_size", LARGE_CASES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_class_variation_loss_large_cpu(device, backend, dtype, tol, grad_tol, shape, num_classes,
+                                        label_size, layout):
+    labels = make_labels(shape[0], label_size, num_classes, device, seed=5)
+    s = make_features(shape, dtype, layout, device, seed=6)
+    t = make_features((shape[0], 2 * shape[1], *shape[2:]), dtype, layout, device, seed=7)
+    check_variation(backend, s, t, labels, num_classes, tol, grad_tol)
+
+
+@pytest.mark.parametrize("device,backend", VARIATION_BACKENDS)
+def test_class_variation_loss_ignore_index_other_than_255(device, backend):
+    labels = make_labels(2, (5, 7), 4, device, ignore_index=-1)
+    s = make_features((2, 3, 5, 7), torch.float32, "contiguous", device, seed=1)
+    t = make_features((2, 5, 5, 7), torch.float32, "contiguous", device, seed=2)
+    check_variation(backend, s, t, labels, 4, 1e-5, 1e-5, ignore_index=-1)
+
+
+@pytest.mark.parametrize("device,backend", VARIATION_BACKENDS)
+def test_class_variation_loss_zero_feature_pixels(device, backend):
+    labels = make_labels(2, (4, 5), 3, device, seed=3)
+    s = make_features((2, 3, 4, 5), torch.float32, "contiguous", device, seed=4).clone()
+    t = make_features((2, 4, 4, 5), torch.float32, "contiguous", device, seed=5)
+    s[:, :, 2, 1] = 0
+    check_variation(backend, s, t, labels, 3, 1e-5, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every op: all pixels ignored, ignored pixels never read, label dtypes
+
+
+@pytest.mark.parametrize("device,backend", POOL_BACKENDS)
+def test_all_pixels_ignored(device, backend):
+    x = make_features((2, 3, 4, 5), torch.float32, "contiguous", device).requires_grad_(True)
+    t = make_features((2, 4, 4, 5), torch.float32, "contiguous", device, seed=1).requires_grad_(True)
+    labels = torch.full((2, 6, 3), 255, device=device)
+    for per_image in (True, False):
+        protos, counts = kdops.prototype_pool(x, labels, 3, per_image=per_image, backend=backend)
+        assert not counts.any() and torch.equal(protos, torch.zeros_like(protos))
+        (grad,) = torch.autograd.grad(protos.sum(), x)
+        assert torch.equal(grad, torch.zeros_like(grad))
+        t_protos, _ = kdops.prototype_pool(t, labels, 3, per_image=per_image, backend=backend)
+        loss = kdops.prototype_kl(x, t, protos.detach(), t_protos, counts, backend=backend)
+        assert loss.item() == 0.0
+        for grad in torch.autograd.grad(loss, (x, t)):
+            assert torch.equal(grad, torch.zeros_like(grad))
+    loss = kdops.class_variation_loss(x, t, labels, 3, backend=backend)
+    assert loss.item() == 0.0
+    for grad in torch.autograd.grad(loss, (x, t)):
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("device,backend", POOL_BACKENDS)
+def test_ignored_pixels_are_never_read(device, backend):
+    """NaN and inf features at ignored pixels reach neither the prototypes, the loss nor the
+    gradients (pool and class variation)."""
+    labels = make_labels(2, (5, 7), 4, device, ignored=0.3, seed=9)
+    s = make_features((2, 3, 5, 7), torch.float32, "contiguous", device, seed=1)
+    t = make_features((2, 4, 5, 7), torch.float32, "contiguous", device, seed=2)
+    ignored = (labels == 255).unsqueeze(1)
+    poisoned_s = s.masked_fill(ignored, float("nan")).requires_grad_(True)
+    poisoned_t = t.masked_fill(ignored, float("inf")).requires_grad_(True)
+    protos, _ = kdops.prototype_pool(poisoned_s, labels, 4, backend=backend)
+    assert_close(protos, ref.prototype_pool(s, labels, 4)[0], 1e-5, "protos")
+    (grad,) = torch.autograd.grad(protos.sum(), poisoned_s)
+    assert torch.isfinite(grad).all() and not grad[ignored.expand_as(grad)].any()
+    loss = kdops.class_variation_loss(poisoned_s, poisoned_t, labels, 4, backend=backend)
+    expected = ref.class_variation_loss(s, t, labels, 4)
+    assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item()
+    for grad in torch.autograd.grad(loss, (poisoned_s, poisoned_t)):
+        assert torch.isfinite(grad).all() and not grad[ignored.expand_as(grad)].any()
+
+
+@pytest.mark.parametrize("device,backend", POOL_BACKENDS)
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32, torch.int64], ids=["uint8", "int32", "int64"])
+def test_label_dtypes(device, backend, label_dtype):
+    labels = make_labels(2, (7, 9), 5, device)
+    x = make_features((2, 3, 5, 6), torch.float32, "contiguous", device)
+    t = make_features((2, 4, 5, 6), torch.float32, "contiguous", device, seed=1)
+    check_pool(backend, x, labels.to(label_dtype), 5, 1e-5, 1e-5, True)
+    check_variation(backend, x, t, labels.to(label_dtype), 5, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("device,backend", POOL_BACKENDS)
+def test_labels_on_strided_views(device, backend):
+    """Labels that are a non-contiguous view (every other column of a wider map)."""
+    wide = make_labels(2, (6, 14), 4, device)
+    labels = wide[:, :, ::2]
+    x = make_features((2, 3, 6, 7), torch.float32, "contiguous", device)
+    check_pool(backend, x, labels, 4, 1e-5, 1e-5, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism, gradients not requested, what autograd saves
+
+
+def all_results(backend, s, t, labels, num_classes):
+    """Every output and gradient of the three ops on these inputs."""
+    a, b = s.detach().requires_grad_(True), t.detach().requires_grad_(True)
+    ps, counts = kdops.prototype_pool(a, labels, num_classes, backend=backend)
+    pt, _ = kdops.prototype_pool(b, labels, num_classes, backend=backend)
+    kl = kdops.prototype_kl(a, b, ps, pt, counts, backend=backend)
+    batch_ps, batch_counts = kdops.prototype_pool(a, labels, num_classes, per_image=False, backend=backend)
+    batch_pt, _ = kdops.prototype_pool(b, labels, num_classes, per_image=False, backend=backend)
+    batch_kl = kdops.prototype_kl(a, b, batch_ps, batch_pt, batch_counts, backend=backend)
+    variation = kdops.class_variation_loss(a, b, labels, num_classes, backend=backend)
+    grads = torch.autograd.grad(kl + batch_kl + variation + ps.square().sum(), (a, b))
+    return (ps, counts, kl, batch_ps, batch_kl, variation) + grads
+
+
+@pytest.mark.parametrize("device,backend", POOL_BACKENDS)
+def test_bitwise_deterministic(device, backend):
+    shape = (2, 6, 9, 13) if backend == "triton" else (2, 40, 33, 45)
+    labels = make_labels(2, (shape[2] + 3, shape[3] - 2), 7, device)
+    s = make_features(shape, torch.float32, "contiguous", device)
+    t = make_features(shape, torch.float32, "channels_last", device, seed=1)
+    first = all_results(backend, s, t, labels, 7)
+    second = all_results(backend, s, t, labels, 7)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device,backend", CPU_ONLY)
+def test_same_result_for_any_thread_count(device, backend):
+    labels = make_labels(2, (33, 45), 7, device)
+    s = make_features((2, 40, 33, 45), torch.float32, "contiguous", device)
+    t = make_features((2, 40, 33, 45), torch.float32, "contiguous", device, seed=1)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(all_results(backend, s, t, labels, 7))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+class BackwardCalls(TorchDispatchMode):
+    """Records the calls of the backward ops: their requires_grad flags and outputs."""
+
+    NAMES = ("prototype_kl_backward", "class_variation_loss_backward", "prototype_pool_backward")
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.split(".")[0] in self.NAMES:
+            self.calls.append((func.__name__.split(".")[0], args, out))
+        return out
+
+
+@pytest.mark.parametrize("device,backend", KL_BACKENDS)
+@pytest.mark.parametrize("wanted", range(4), ids=["student", "teacher", "student_protos", "teacher_protos"])
+def test_prototype_kl_one_gradient_requested(device, backend, wanted):
+    inputs = kl_inputs((2, 3, 4, 5), 4, 4, (4, 5), torch.float32, "contiguous", device, True)
+    tensors = [v.detach().requires_grad_(i == wanted) for i, v in enumerate(inputs[:4])]
+    loss = kdops.prototype_kl(*tensors, inputs[4], backend=backend)
+    with BackwardCalls() as mode:
+        loss.backward()
+    ((_, args, grads),) = mode.calls
+    assert tuple(args[-4:]) == tuple(i == wanted for i in range(4))
+    for i, grad in enumerate(grads):
+        assert (grad.numel() > 0) == (i == wanted)
+    tensors64 = as_float64(*tensors)
+    expected = torch.autograd.grad(ref.prototype_kl(*tensors64, inputs[4].cpu(), 0.1), tensors64[wanted])[0]
+    assert_close(tensors[wanted].grad, expected, 1e-5, "gradient")
+
+
+@pytest.mark.parametrize("device,backend", VARIATION_BACKENDS)
+@pytest.mark.parametrize("wanted", ["student", "teacher"])
+def test_class_variation_one_gradient_requested(device, backend, wanted):
+    labels = make_labels(2, (4, 5), 3, device)
+    s = make_features((2, 3, 4, 5), torch.float32, "contiguous", device).requires_grad_(wanted == "student")
+    t = make_features((2, 2, 4, 5), torch.float32, "contiguous", device, seed=1).requires_grad_(wanted == "teacher")
+    loss = kdops.class_variation_loss(s, t, labels, 3, backend=backend)
+    with BackwardCalls() as mode:
+        loss.backward()
+    ((_, args, (grad_s, grad_t)),) = mode.calls
+    assert tuple(args[-2:]) == (wanted == "student", wanted == "teacher")
+    assert (grad_s.numel() > 0) == (wanted == "student") and (grad_t.numel() > 0) == (wanted == "teacher")
+
+
+def saved_tensors(fn, inputs):
+    saved = []
+
+    def pack(x):
+        saved.append(x)
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = fn()
+    return out, [x for x in saved if not any(x.data_ptr() == i.data_ptr() for i in inputs)]
+
+
+@pytest.mark.parametrize("device,backend", POOL_BACKENDS)
+def test_saves_only_inputs_and_small_statistics(device, backend):
+    """Beyond the inputs: the counts, and for class_variation_loss the (N, K, C) prototypes;
+    never a (K × L) observation tensor or a tensor of the features' size."""
+    n, c, h, w, k = 2, 6, 9, 10, 3
+    labels = make_labels(n, (h, w), k, device)
+    s = make_features((n, c, h, w), torch.float32, "contiguous", device).requires_grad_(True)
+    t = make_features((n, c + 1, h, w), torch.float32, "contiguous", device, seed=1).requires_grad_(True)
+    (protos, counts), extra = saved_tensors(lambda: kdops.prototype_pool(s, labels, k, backend=backend), [s, labels])
+    assert [tuple(x.shape) for x in extra] == [(n, k)]  # the counts
+    t_protos, _ = kdops.prototype_pool(t, labels, k, backend=backend)
+    inputs = [s, t, protos, t_protos, counts]
+    loss, extra = saved_tensors(lambda: kdops.prototype_kl(*inputs, backend=backend), inputs)
+    assert extra == []
+    loss, extra = saved_tensors(lambda: kdops.class_variation_loss(s, t, labels, k, backend=backend),
+                                [s, t, labels])
+    assert sorted(tuple(x.shape) for x in extra) == sorted([(n, k, c), (n, k, c + 1), (n, k)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: opcheck, torch.compile, gradcheck, errors
+
+
+@pytest.mark.parametrize("device,backend", POOL_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_opcheck(device, backend, layout):
+    namespace = ops(backend)
+    labels = make_labels(2, (7, 4), 4, device)
+    s = make_features((2, 3, 5, 6), torch.float32, layout, device)
+    t = make_features((2, 4, 5, 6), torch.float32, layout, device, seed=1)
+    s_protos, counts = namespace.prototype_pool(s, labels, 4, 255, True)
+    t_protos, _ = namespace.prototype_pool(t, labels, 4, 255, True)
+    b_ps, b_counts = namespace.prototype_pool(s, labels, 4, 255, False)
+    b_pt, _ = namespace.prototype_pool(t, labels, 4, 255, False)
+    _, vs, vt, vcounts = namespace.class_variation_loss(s, t, labels, 4, 255)
+    grad = torch.tensor(1.5, device=device)
+    sg, tg = s.detach().requires_grad_(True), t.detach().requires_grad_(True)
+    cases = [
+        (namespace.prototype_pool.default, (sg, labels, 4, 255, True)),
+        (namespace.prototype_pool.default, (sg, labels, 4, 255, False)),
+        (namespace.prototype_pool_backward.default, (torch.randn_like(s_protos), s, labels, counts, 255)),
+        (namespace.prototype_pool_backward.default, (torch.randn_like(b_ps), s, labels, b_counts, 255)),
+        (namespace.prototype_kl.default,
+         (sg, tg, s_protos.requires_grad_(True), t_protos.requires_grad_(True), counts, 0.1)),
+        (namespace.prototype_kl.default, (sg, t, b_ps, b_pt, b_counts, 0.5)),
+        (namespace.class_variation_loss.default, (sg, tg, labels, 4, 255)),
+    ]
+    for flags in [(True, True, True, True), (True, False, False, True), (False, True, True, False)]:
+        cases.append((namespace.prototype_kl_backward.default,
+                      (grad, s, t, s_protos.detach(), t_protos.detach(), counts, 0.1, *flags)))
+    for flags in [(True, True), (True, False), (False, True)]:
+        cases.append((namespace.class_variation_loss_backward.default,
+                      (grad, s, t, labels, vs, vt, vcounts, 255, *flags)))
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device,backend", POOL_BACKENDS)
+@pytest.mark.parametrize("op", ["prototype_pool", "prototype_kl", "class_variation_loss"])
+def test_compile_fullgraph(device, backend, op):
+    labels = make_labels(2, (7, 4), 4, device)
+    s = make_features((2, 3, 5, 6), torch.float32, "contiguous", device)
+    t = make_features((2, 4, 5, 6), torch.float32, "contiguous", device, seed=1)
+
+    def loss_fn(a, b):
+        if op == "prototype_pool":
+            protos, counts = kdops.prototype_pool(a, labels, 4, per_image=False, backend=backend)
+            return protos.square().sum() + counts.sum()
+        if op == "class_variation_loss":
+            return 2.0 * kdops.class_variation_loss(a, b, labels, 4, backend=backend)
+        ps, counts = kdops.prototype_pool(a, labels, 4, backend=backend)
+        pt, _ = kdops.prototype_pool(b, labels, 4, backend=backend)
+        return 2.0 * kdops.prototype_kl(a, b, ps, pt, counts, backend=backend)
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=counter)
+    results = []
+    for fn in (loss_fn, compiled):
+        a, b = s.detach().requires_grad_(True), t.detach().requires_grad_(True)
+        loss = fn(a, b)
+        results.append((loss,) + torch.autograd.grad(loss, (a, b), allow_unused=True, materialize_grads=True))
+    assert counter.frame_count == 1
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager)
+
+
+@pytest.mark.parametrize("device,backend", CPU_ONLY)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradcheck_float64(device, backend, layout):
+    labels = make_labels(2, (5, 3), 3, device, seed=4)
+    s = make_features((2, 3, 4, 5), torch.float64, layout, device).requires_grad_(True)
+    t = make_features((2, 2, 4, 5), torch.float64, layout, device, seed=1).requires_grad_(True)
+    for per_image in (True, False):
+        assert torch.autograd.gradcheck(
+            lambda a: kdops.prototype_pool(a, labels, 3, per_image=per_image, backend=backend)[0], (s,))
+        protos, counts = ref.prototype_pool(s.detach(), labels, 3, per_image=per_image)
+        t_protos, _ = ref.prototype_pool(t.detach(), labels, 3, per_image=per_image)
+        protos.requires_grad_(True)
+        t_protos.requires_grad_(True)
+        assert torch.autograd.gradcheck(
+            lambda a, b, pa, pb: kdops.prototype_kl(a, b, pa, pb, counts, 0.3, backend=backend),
+            (s, t, protos, t_protos))
+    assert torch.autograd.gradcheck(
+        lambda a, b: kdops.class_variation_loss(a, b, labels, 3, backend=backend), (s, t))
+    # APD's chain: prototypes pooled from the features they are compared with.
+    assert torch.autograd.gradcheck(
+        lambda a, b: kdops.prototype_kl(
+            a, b, kdops.prototype_pool(a, labels, 3, per_image=False, backend=backend)[0],
+            kdops.prototype_pool(b, labels, 3, per_image=False, backend=backend)[0],
+            ref.prototype_pool(a.detach(), labels, 3, per_image=False)[1], 0.5, backend=backend),
+        (s, t))
+
+
+@pytest.mark.parametrize("device,backend", CPU_ONLY)
+def test_op_errors_name_the_argument(device, backend):
+    """The ops themselves check their arguments (direct torch.ops calls, compiled graphs where
+    the public API's label check is skipped): out-of-range labels raise at once."""
+    s = make_features((2, 3, 4, 5), torch.float32, "contiguous", device)
+    t = make_features((2, 2, 4, 5), torch.float32, "contiguous", device, seed=1)
+    labels = make_labels(2, (4, 5), 3, device)
+    bad = labels.clone()
+    bad[1, 2, 3] = 3
+    namespace = torch.ops.kdops
+    with pytest.raises(ValueError, match=r"^labels hold 3, outside \[0, num_classes=3\)"):
+        namespace.prototype_pool(s, bad, 3, 255, True)
+    with pytest.raises(ValueError, match="^labels hold -2"):
+        namespace.class_variation_loss(s, t, bad.masked_fill(bad == 0, -2), 3, 255)
+    with pytest.raises(TypeError, match="^labels"):
+        namespace.prototype_pool(s, labels.float(), 3, 255, True)
+    with pytest.raises(ValueError, match="^labels"):
+        namespace.prototype_pool(s, labels[:1], 3, 255, True)
+    with pytest.raises(ValueError, match="^num_classes"):
+        namespace.prototype_pool(s, labels, 0, 255, True)
+    with pytest.raises(ValueError, match="^teacher"):
+        namespace.class_variation_loss(s, t[..., :3], labels, 3, 255)
+    protos, counts = namespace.prototype_pool(s, labels, 3, 255, True)
+    t_protos, _ = namespace.prototype_pool(t, labels, 3, 255, True)
+    with pytest.raises(ValueError, match="^teacher_protos"):
+        namespace.prototype_kl(s, t, protos, protos, counts, 0.1)
+    with pytest.raises(ValueError, match="^counts"):
+        namespace.prototype_kl(s, t, protos, t_protos, counts[:, :2], 0.1)
+    with pytest.raises(TypeError, match="^counts"):
+        namespace.prototype_kl(s, t, protos, t_protos, counts.float(), 0.1)
+    with pytest.raises(ValueError, match="^tau"):
+        namespace.prototype_kl(s, t, protos, t_protos, counts, 0.0)
+
+    compiled = torch.compile(lambda a, y: kdops.prototype_pool(a, y, 3, backend=backend)[0].sum(),
+                             fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="labels hold 3"):
+        compiled(s, bad)
+
+
+@pytest.mark.parametrize("op", ["prototype_pool", "prototype_kl", "class_variation_loss"])
+def test_cuda_backend_on_cpu_tensors_says_why(op):
+    s = make_features((2, 3, 4, 5), torch.float32, "contiguous", "cpu")
+    labels = make_labels(2, (4, 5), 3, "cpu")
+    protos, counts = ref.prototype_pool(s, labels, 3)
+    args = {
+        "prototype_pool": (s, labels, 3),
+        "prototype_kl": (s, s, protos, protos, counts),
+        "class_variation_loss": (s, s, labels, 3),
+    }[op]
+    with pytest.raises(kd_backend.BackendUnavailableError, match="cuda"):
+        getattr(kdops, op)(*args, backend="cuda")
