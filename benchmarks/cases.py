@@ -5,7 +5,10 @@ spatial size) so a run fits two cores.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
 
 import kdops
 from benchmarks.harness import Case
@@ -57,6 +60,164 @@ def _nbytes(shape, dtype) -> int:
     return numel * torch.empty((), dtype=dtype).element_size()
 
 
+# ---------------------------------------------------------------------------------------------
+# Prototypes (APD, IFVD): the upstream formulations users run, written plainly, as baselines.
+# Their "eager" and "compile" rows are these functions; the kdops row is the fused ops.
+
+APD_TAU = 0.1  # APD's kmeans_temp 10
+
+
+def _segmentation_labels(shape, scale: int = 8, ignored: float = 0.1):
+    """Labels at `scale`× the feature resolution (the image's), in blocks of 16 pixels as
+    segments are, some ignored: read by nearest neighbour at the feature size."""
+
+    def make(device, g):
+        n, _, h, w = shape
+        coarse = torch.randint(0, NUM_CLASSES, (n, (h * scale + 15) // 16, (w * scale + 15) // 16), generator=g)
+        labels = coarse.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, : h * scale, : w * scale]
+        labels = labels.masked_fill(torch.rand(labels.shape, generator=g) < ignored, 255)
+        return labels.contiguous().to(device)
+
+    return make
+
+
+def _feature_pair_with_labels(shape, extra=None):
+    def make(device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        s = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+        t = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+        labels = _segmentation_labels(shape)(device, g)
+        # The labels are passed positionally, last: the harness counts them as an input (the
+        # ops save them for backward, as they save the features).
+        tensors = [s, t] + (extra(s, t, labels) if extra else []) + [labels]
+        return tensors, {}
+
+    return make
+
+
+def upstream_ifvd_criterion_ifv(student, teacher, labels, num_classes=NUM_CLASSES):
+    """IFVD's ``CriterionIFV`` as its repository (and CIRKD) computes it: a nearest-resized
+    float label map, one masked mean per class written into a "centre" map (pixels of no class
+    keep their own feature), cosine of each pixel to its centre, MSE between student and teacher."""
+    size = student.shape[-2:]
+    label_map = F.interpolate(labels.unsqueeze(1).float(), size=size, mode="nearest")
+    teacher = teacher.detach()
+    centre_s, centre_t = student.clone(), teacher.clone()
+    for k in range(num_classes):
+        mask = (label_map == k).float()
+        denom = mask.sum(dim=(-2, -1)) + 1e-6
+        mean_s = (mask * student).sum(dim=(-2, -1)) / denom
+        mean_t = (mask * teacher).sum(dim=(-2, -1)) / denom
+        centre_s = (1 - mask) * centre_s + mask * mean_s[..., None, None]
+        centre_t = (1 - mask) * centre_t + mask * mean_t[..., None, None]
+    cos_s = F.cosine_similarity(student, centre_s, dim=1)
+    cos_t = F.cosine_similarity(teacher, centre_t, dim=1)
+    return F.mse_loss(cos_s, cos_t)
+
+
+def upstream_apd_observation_and_align(student, teacher, labels, tau=APD_TAU, ignore_index=255):
+    """APD's ``CriterionKmeansInterWhole`` (kmeans_norm): both features L2-normalised per pixel;
+    for each class present in the (nearest-resized) batch labels, its pixels gathered by
+    ``nonzero`` and averaged into a batch prototype, normalised; observations = 1×1 convolution
+    with the prototypes / τ; ``KLDivLoss()`` (mean over all elements) between the softmaxes;
+    prototype alignment ½(1 − cos) averaged over the classes. (Upstream also forms an unused
+    n×n Gram matrix of each class's raw teacher vectors; it is left out here.)"""
+    teacher = teacher.detach()
+    size = student.shape[-2:]
+    label_map = F.interpolate(labels.unsqueeze(1).float(), size=size, mode="nearest").squeeze(1)
+    student = F.normalize(student, 2, 1)
+    teacher = F.normalize(teacher, 2, 1)
+    centres_s, centres_t = [], []
+    for k in label_map.unique():
+        if k == ignore_index:
+            continue
+        where = (label_map == k).nonzero()
+        vec_s = student[where[:, 0], :, where[:, 1], where[:, 2]]
+        vec_t = teacher[where[:, 0], :, where[:, 1], where[:, 2]]
+        centres_s.append(F.normalize(vec_s.mean(0, keepdim=True), 2, 1))
+        centres_t.append(F.normalize(vec_t.mean(0, keepdim=True), 2, 1))
+    centres_s, centres_t = torch.cat(centres_s), torch.cat(centres_t)
+    obs_s = F.conv2d(student, centres_s[..., None, None]) / tau
+    obs_t = F.conv2d(teacher, centres_t[..., None, None]) / tau
+    with warnings.catch_warnings():  # KLDivLoss()'s default "mean", as upstream: a known warning
+        warnings.simplefilter("ignore", UserWarning)
+        kl = F.kl_div(F.log_softmax(obs_s, dim=1), F.softmax(obs_t.detach(), dim=1), reduction="mean")
+    align = 0.5 * (1 - (centres_s * centres_t.detach()).sum(1)).mean()
+    return kl + align
+
+
+def kdops_apd_observation_and_align(student, teacher, labels, tau=APD_TAU, ignore_index=255, *,
+                                    backend=None):
+    """The same two terms from kdops ops: batch prototypes (prototype_pool of the normalised
+    features), prototype_kl (its mean over N·h·w divided by the P present classes: KLDivLoss's
+    mean over N·P·h·w), the alignment over the present classes."""
+    teacher = teacher.detach()
+    student = F.normalize(student, 2, 1)
+    teacher = F.normalize(teacher, 2, 1)
+    s_protos, counts = kdops.prototype_pool(student, labels, NUM_CLASSES, ignore_index, per_image=False,
+                                            backend=backend)
+    t_protos, _ = kdops.prototype_pool(teacher, labels, NUM_CLASSES, ignore_index, per_image=False,
+                                       backend=backend)
+    present = counts > 0
+    num_present = present.sum()
+    kl = kdops.prototype_kl(student, teacher, s_protos, t_protos, counts, tau, backend=backend) / num_present
+    cosines = (F.normalize(s_protos, dim=1) * F.normalize(t_protos, dim=1)).sum(1)
+    align = (0.5 * (1.0 - cosines) * present).sum() / num_present
+    return kl + align
+
+
+def _protos_of_pair(per_image: bool):
+    def extra(s, t, labels):
+        s_protos, counts = ref_prototypes.prototype_pool(s.float(), labels, NUM_CLASSES, 255, per_image)
+        t_protos, _ = ref_prototypes.prototype_pool(t.float(), labels, NUM_CLASSES, 255, per_image)
+        return [s_protos, t_protos, counts]
+
+    return extra
+
+
+def prototype_cases(device: str, dtype: torch.dtype) -> list[Case]:
+    """prototype_pool, prototype_kl and class_variation_loss at the feature shapes, and the
+    upstream IFVD and APD baselines (the op column names the kdops op the kdops row runs)."""
+    out = []
+    for shape in FEATURE_SHAPES[device]:
+        name, nbytes = _shape_name(shape), _nbytes(shape, dtype)
+        dtype_name = str(dtype).removeprefix("torch.")
+
+        def case(op, label, make, reference, public, reads_fwd, moved_fwd_bwd):
+            return Case(name=f"{label}[{name},{dtype_name}]", op=op,
+                        shape=name if label == op else f"{name} ({label})", dtype=dtype,
+                        make_inputs=make, reference=reference, public=public,
+                        bytes_fwd=reads_fwd * nbytes, bytes_fwd_bwd=moved_fwd_bwd * nbytes)
+
+        # pool: forward reads x; backward writes its gradient.
+        out.append(case(
+            "prototype_pool", "prototype_pool", _feature_pair_with_labels(shape),
+            lambda x, t, labels: ref_prototypes.prototype_pool(x, labels, NUM_CLASSES, 255, False)[0],
+            lambda x, t, labels, backend: kdops.prototype_pool(x, labels, NUM_CLASSES, 255, False,
+                                                               backend=backend)[0],
+            1, 2))
+        # prototype_kl with fixed batch prototypes: forward reads s, t; backward reads them
+        # again and writes the student's gradient.
+        out.append(case(
+            "prototype_kl", "prototype_kl", _feature_pair_with_labels(shape, _protos_of_pair(False)),
+            lambda s, t, ps, pt, counts, labels: ref_prototypes.prototype_kl(s, t, ps, pt, counts, APD_TAU),
+            lambda s, t, ps, pt, counts, labels, backend: kdops.prototype_kl(s, t, ps, pt, counts, APD_TAU,
+                                                                             backend=backend),
+            2, 5))
+        out.append(case(
+            "class_variation_loss", "upstream CriterionIFV", _feature_pair_with_labels(shape),
+            lambda s, t, labels: upstream_ifvd_criterion_ifv(s, t, labels),
+            lambda s, t, labels, backend: kdops.class_variation_loss(s, t, labels, NUM_CLASSES,
+                                                                     backend=backend),
+            2, 5))
+        out.append(case(
+            "prototype_kl", "upstream APD KL+align", _feature_pair_with_labels(shape),
+            lambda s, t, labels: upstream_apd_observation_and_align(s, t, labels),
+            lambda s, t, labels, backend: kdops_apd_observation_and_align(s, t, labels, backend=backend),
+            2, 5))
+    return out
+
+
 def cases(device: str, dtypes: list[torch.dtype]) -> list[Case]:
     out: list[Case] = []
 
@@ -86,7 +247,7 @@ def cases(device: str, dtypes: list[torch.dtype]) -> list[Case]:
             add("class_attention_loss", shape, dtype, _pair(shape, weights=True),
                 lambda s, t, ws, wt: ref_attention.class_attention_loss(s, t, ws, wt, None, None, "l2"),
                 lambda s, t, ws, wt, backend: kdops.class_attention_loss(s, t, ws, wt, backend=backend))
-            add("class_variation_loss", shape, dtype, _pair(shape, labels=True),
+            add("class_variation_loss", shape, dtype, _feature_pair_with_labels(shape),
                 lambda s, t, labels: ref_prototypes.class_variation_loss(s, t, labels, NUM_CLASSES, 255),
                 lambda s, t, labels, backend: kdops.class_variation_loss(
                     s, t, labels, NUM_CLASSES, backend=backend))
@@ -96,4 +257,5 @@ def cases(device: str, dtypes: list[torch.dtype]) -> list[Case]:
             add("pairwise_affinity_loss", shape, dtype, _pair(shape),
                 lambda s, t: ref_correlation.pairwise_affinity_loss(s, t),
                 lambda s, t, backend: kdops.pairwise_affinity_loss(s, t, backend=backend))
+        out += prototype_cases(device, dtype)
     return out
