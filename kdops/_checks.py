@@ -143,15 +143,19 @@ def labels(
             f"{name} must have spatial shape {tuple(spatial)}, got {tuple(x.shape[1:])}"
         )
     ignore_index = integer_for_labels(ignore_index_name, ignore_index, x.dtype)
-    bad = ((x < 0) | (x >= num_classes)) & (x != ignore_index)
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
-        if bool(bad.any()):
+        # Three small ops (a real step calls this every iteration): the range of the labels
+        # with the ignored ones mapped into it.
+        low, high = torch.aminmax(x.masked_fill(x == ignore_index, 0))
+        if int(low) < 0 or int(high) >= num_classes:
+            bad = ((x < 0) | (x >= num_classes)) & (x != ignore_index)
             value = int(x[bad].flatten()[0])
             raise ValueError(
                 f"{name} holds {value}, outside [0, {num_classes}) and not "
                 f"{ignore_index_name}={ignore_index}"
             )
     else:
+        bad = ((x < 0) | (x >= num_classes)) & (x != ignore_index)
         torch._assert_async(
             torch.logical_not(bad.any()),
             f"{name} holds a label outside [0, num_classes) that is not {ignore_index_name}",
