@@ -142,6 +142,8 @@ def labels(
         raise ValueError(
             f"{name} must have spatial shape {tuple(spatial)}, got {tuple(x.shape[1:])}"
         )
+    if x.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
     ignore_index = integer_for_labels(ignore_index_name, ignore_index, x.dtype)
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
         # Three small ops (a real step calls this every iteration): the range of the labels
