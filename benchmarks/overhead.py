@@ -137,7 +137,7 @@ def main(argv=None) -> None:
         "device": slug,
         "date": datetime.date.today().isoformat(),
         "threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "kdops": package_version()},
+        "versions": {"torch": torch.__version__, "kdops": package_version("kdops")},
         "command": "python -m benchmarks.overhead" + ("" if args.device == "cpu" else " --device cuda"),
         "rows": rows,
     }
