@@ -49,6 +49,9 @@ def _pool(
     classes = torch.arange(num_classes, device=labels.device)
     one_hot = (labels[..., None] == classes) & (labels != ignore_index)[..., None]  # (N, L, K)
     counts = one_hot.sum(dim=1)  # (N, K), int64
+    # Ignored pixels are zeroed first (a select, not a product): 0 · NaN in the GEMM would let
+    # whatever they hold reach every prototype.
+    feats = torch.where((labels != ignore_index)[:, None, :], feats, 0.0)
     sums = torch.bmm(feats, one_hot.to(feats.dtype)).transpose(1, 2)  # (N, K, C)
     if not per_image:
         sums, counts = sums.sum(dim=0), counts.sum(dim=0)
@@ -133,8 +136,10 @@ def _class_cosines(
     x: (N, C, H, W); labels: (N, H, W), already at the resolution of x.
     """
     n = x.shape[0]
-    feats = flatten_spatial(x)
     flat_labels = labels.reshape(n, 1, -1)
+    # Ignored pixels take no part (m = 1 there): zeroed by a select, so NaN in them reaches
+    # neither the prototypes nor, through the normalisation's backward, the gradients.
+    feats = torch.where(flat_labels != ignore_index, flatten_spatial(x), 0.0)
     protos, _ = _pool(feats, flat_labels.squeeze(1), num_classes, ignore_index, per_image=True)
     # Cosines to every class (N, K, L) by one GEMM, then each pixel's own class picked out.
     cosines = torch.bmm(normalize(protos, dim=-1), normalize(feats, dim=1))
