@@ -149,15 +149,14 @@ def upstream_apd_observation_and_align(student, teacher, labels, tau=APD_TAU, ig
 def kdops_apd_observation_and_align(student, teacher, labels, tau=APD_TAU, ignore_index=255, *,
                                     backend=None):
     """The same two terms from kdops ops: batch prototypes (prototype_pool of the normalised
-    features), prototype_kl (its mean over N·h·w divided by the P present classes: KLDivLoss's
+    features, normalize_features=True), prototype_kl (its mean over N·h·w divided by the P present classes: KLDivLoss's
     mean over N·P·h·w), the alignment over the present classes."""
     teacher = teacher.detach()
-    student = F.normalize(student, 2, 1)
-    teacher = F.normalize(teacher, 2, 1)
+    # Normalised inside the ops: prototypes of the unit features, cosines in prototype_kl.
     s_protos, counts = kdops.prototype_pool(student, labels, NUM_CLASSES, ignore_index, per_image=False,
-                                            backend=backend)
+                                            normalize_features=True, backend=backend)
     t_protos, _ = kdops.prototype_pool(teacher, labels, NUM_CLASSES, ignore_index, per_image=False,
-                                       backend=backend)
+                                       normalize_features=True, backend=backend)
     present = counts > 0
     num_present = present.sum()
     kl = kdops.prototype_kl(student, teacher, s_protos, t_protos, counts, tau, backend=backend) / num_present

@@ -44,15 +44,16 @@ TORCH_LIBRARY(kdops, m) {
   // Class prototypes (kdops/ops/prototypes.py). Features (N, C, H, W); labels (N, H_l, W_l)
   // integers, read at (H, W) by nearest neighbour. Prototypes and losses are float32 (float64
   // for float64 features); counts int64. prototype_pool: protos (N, K, C) per image or (K, C)
-  // per batch, counts (N, K) or (K,). class_variation_loss also returns what its backward
+  // per batch, counts (N, K) or (K,); normalize_features pools x / max(‖x‖, 1e-12) per pixel.
+  // class_variation_loss also returns what its backward
   // needs: both sides' per-image prototypes (N, K, C) and the counts (N, K).
   // The backward ops return an empty tensor for a gradient not requested.
   m.def(
-      "prototype_pool(Tensor x, Tensor labels, int num_classes, int ignore_index, bool per_image) "
-      "-> (Tensor protos, Tensor counts)");
+      "prototype_pool(Tensor x, Tensor labels, int num_classes, int ignore_index, bool per_image, "
+      "bool normalize_features) -> (Tensor protos, Tensor counts)");
   m.def(
       "prototype_pool_backward(Tensor grad_protos, Tensor x, Tensor labels, Tensor counts, "
-      "int ignore_index) -> Tensor grad_x");
+      "int ignore_index, bool normalize_features) -> Tensor grad_x");
   m.def(
       "prototype_kl(Tensor student, Tensor teacher, Tensor student_protos, Tensor teacher_protos, "
       "Tensor counts, float tau) -> Tensor loss");

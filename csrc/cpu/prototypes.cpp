@@ -264,10 +264,12 @@ void protos_grad_from_hat(const NormalisedProtos<acc>& p, int64_t g, int64_t k, 
 // ---------------------------------------------------------------------------------------------
 // Class sums and counts (prototype_pool, class_variation_loss)
 
-// sums[n][k][c] = Σ_{i: y_i = k} x[n, c, i] in float64, pixel order; counts[n][k] pixel counts.
+// sums[n][k][c] = Σ_{i: y_i = k} w_i x[n, c, i] in float64, pixel order (w = 1, or the given
+// (N, L) per-pixel weights); counts[n][k] pixel counts.
 template <typename scalar_t>
 void class_sums(const Features& f, const LabelMap& labels, int64_t num_classes,
-                std::vector<double>& sums, std::vector<int64_t>& counts) {
+                std::vector<double>& sums, std::vector<int64_t>& counts,
+                const std::vector<double>* weights = nullptr) {
   const scalar_t* x = f.tensor.const_data_ptr<scalar_t>();
   const Strides3 st = f.strides;
   const int64_t blocks = (f.c + kChannelBlock - 1) / kChannelBlock;
@@ -299,7 +301,12 @@ void class_sums(const Features& f, const LabelMap& labels, int64_t num_classes,
         if (k < 0) continue;
         const scalar_t* pixel = base + l * st.l;
         double* row = block.data() + k * kChannelBlock;
-        for (int64_t c = 0; c < width; ++c) row[c] += static_cast<double>(pixel[c * st.c]);
+        if (weights == nullptr) {
+          for (int64_t c = 0; c < width; ++c) row[c] += static_cast<double>(pixel[c * st.c]);
+        } else {
+          const double w = (*weights)[n * f.l + l];
+          for (int64_t c = 0; c < width; ++c) row[c] += static_cast<double>(pixel[c * st.c]) * w;
+        }
       }
       double* out = sums.data() + n * num_classes * f.c + c0;
       for (int64_t k = 0; k < num_classes; ++k) {
@@ -375,16 +382,38 @@ Tensor as_groups(const Tensor& protos, at::ScalarType dtype) {
   return p.to(dtype).contiguous();
 }
 
+// 1/max(‖x_i‖, eps) of every pixel (N·L), in float64 (the weights of a normalised pooling).
+template <typename scalar_t>
+std::vector<double> pixel_inverse_norms(const Features& f) {
+  using acc = acc_t<scalar_t>;
+  const scalar_t* x = f.tensor.const_data_ptr<scalar_t>();
+  const int64_t tiles = (f.l + kTile - 1) / kTile;
+  std::vector<double> out(f.n * f.l);
+  at::parallel_for(0, f.n * tiles, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc> tile(f.c * kTile);
+    acc norm[kTile], inv[kTile];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / tiles, l0 = (item % tiles) * kTile, count = std::min(kTile, f.l - l0);
+      gather_tile(x, f.strides, n, l0, f.c, count, tile.data());
+      tile_norms(tile.data(), f.c, norm, inv);
+      for (int64_t t = 0; t < count; ++t) out[n * f.l + l0 + t] = static_cast<double>(inv[t]);
+    }
+  });
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // prototype_pool
 
 template <typename scalar_t>
 std::tuple<Tensor, Tensor> pool_forward(const Tensor& x, const LabelMap& labels,
-                                        int64_t num_classes, bool per_image) {
+                                        int64_t num_classes, bool per_image, bool normalize) {
   const Features f = features_view(x);
   std::vector<double> sums;
   std::vector<int64_t> counts;
-  class_sums<scalar_t>(f, labels, num_classes, sums, counts);
+  std::vector<double> inv_norms;
+  if (normalize) inv_norms = pixel_inverse_norms<scalar_t>(f);
+  class_sums<scalar_t>(f, labels, num_classes, sums, counts, normalize ? &inv_norms : nullptr);
   int64_t groups = f.n;
   if (!per_image) {
     // The batch's sums: images added in order.
@@ -402,16 +431,16 @@ std::tuple<Tensor, Tensor> pool_forward(const Tensor& x, const LabelMap& labels,
   return {protos, count_tensor};
 }
 
-// grad_x[n, c, i] = grad_protos[g, y_i, c] / counts[g, y_i] (g = n per image, 0 per batch);
-// 0 at ignored pixels.
+// grad_x[n, c, i] = r[c] = grad_protos[g, y_i, c] / counts[g, y_i] (g = n per image, 0 per batch);
+// with normalised features, through x̂ = x / max(‖x‖, eps): (r − x̂ (x̂·r)) / ‖x‖ (r / eps when
+// ‖x‖ ≤ eps). 0 at ignored pixels.
 template <typename scalar_t>
 void pool_backward(const Tensor& grad_groups /* (groups, K, C) acc */, const Tensor& counts,
-                   const LabelMap& labels, GradOut& grad) {
+                   const LabelMap& labels, const Features& f, bool normalize, GradOut& grad) {
   using acc = acc_t<scalar_t>;
   const int64_t groups = grad_groups.size(0), num_classes = grad_groups.size(1);
   const int64_t channels = grad_groups.size(2);
-  const int64_t n_images = grad.written.size(0);
-  const int64_t l = grad.written.size(2) * grad.written.size(3);
+  const int64_t n_images = f.n, l = f.l;
   // scaled[g][k][c] = grad_protos[g][k][c] / max(count, 1)
   std::vector<acc> scaled(groups * num_classes * channels);
   const acc* g = grad_groups.const_data_ptr<acc>();
@@ -421,20 +450,42 @@ void pool_backward(const Tensor& grad_groups /* (groups, K, C) acc */, const Ten
     const acc inv = acc(1) / static_cast<acc>(std::max<int64_t>(count[gk], 1));
     for (int64_t c = 0; c < channels; ++c) scaled[gk * channels + c] = g[gk * channels + c] * inv;
   }
+  const scalar_t* x = f.tensor.const_data_ptr<scalar_t>();
   scalar_t* out = grad.written.data_ptr<scalar_t>();
   const Strides3 st = grad.strides;
   const int64_t tiles = (l + kTile - 1) / kTile;
   at::parallel_for(0, n_images * tiles, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc> tile(channels * kTile);
-    int64_t classes[kTile];
+    std::vector<acc> tile(channels * kTile), xs(normalize ? channels * kTile : 0);
+    int64_t classes[kTile], cls[kTile];
+    acc norm[kTile], inv[kTile], dot[kTile];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / tiles, l0 = (item % tiles) * kTile, count_l = std::min(kTile, l - l0);
       labels.tile_classes(n, l0, count_l, classes);
+      for (int64_t t = 0; t < kTile; ++t) cls[t] = std::max<int64_t>(classes[t], 0);
       const acc* rows = scaled.data() + (groups == 1 ? 0 : n) * num_classes * channels;
+      if (normalize) {
+        gather_tile(x, f.strides, n, l0, channels, count_l, xs.data());
+        tile_norms(xs.data(), channels, norm, inv);
+        std::fill(dot, dot + kTile, acc(0));
+        for (int64_t c = 0; c < channels; ++c) {
+          const acc* xc = xs.data() + c * kTile;
+          for (int64_t t = 0; t < kTile; ++t) dot[t] += xc[t] * rows[cls[t] * channels + c];
+        }
+        for (int64_t t = 0; t < kTile; ++t) {
+          // x̂·r = (x·r)/‖x‖; the projection term is then x · (x̂·r)/‖x‖.
+          dot[t] = norm[t] > static_cast<acc>(kNormEps) ? dot[t] * inv[t] * inv[t] : acc(0);
+        }
+      }
       for (int64_t c = 0; c < channels; ++c) {
         acc* o = tile.data() + c * kTile;
-        for (int64_t t = 0; t < kTile; ++t) {
-          o[t] = classes[t] >= 0 ? rows[classes[t] * channels + c] : acc(0);
+        if (normalize) {
+          const acc* xc = xs.data() + c * kTile;
+          for (int64_t t = 0; t < kTile; ++t) {
+            const acc r = rows[cls[t] * channels + c];
+            o[t] = classes[t] >= 0 ? (r - xc[t] * dot[t]) * inv[t] : acc(0);
+          }
+        } else {
+          for (int64_t t = 0; t < kTile; ++t) o[t] = classes[t] >= 0 ? rows[cls[t] * channels + c] : acc(0);
         }
       }
       scatter_tile(out, st, n, l0, channels, count_l, tile.data());
@@ -444,17 +495,21 @@ void pool_backward(const Tensor& grad_groups /* (groups, K, C) acc */, const Ten
 
 std::tuple<Tensor, Tensor> prototype_pool_cpu(const Tensor& x, const Tensor& labels,
                                               int64_t num_classes, int64_t ignore_index,
-                                              bool per_image) {
+                                              bool per_image, bool normalize_features) {
   check_features("x", x);
   const LabelMap map = label_map(labels, x.size(0), x.size(2), x.size(3), num_classes, ignore_index);
   std::tuple<Tensor, Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "prototype_pool_cpu",
-                                  [&] { result = pool_forward<scalar_t>(x, map, num_classes, per_image); });
+                                  [&] {
+                                    result = pool_forward<scalar_t>(x, map, num_classes, per_image,
+                                                                    normalize_features);
+                                  });
   return result;
 }
 
 Tensor prototype_pool_backward_cpu(const Tensor& grad_protos, const Tensor& x, const Tensor& labels,
-                                   const Tensor& counts, int64_t ignore_index) {
+                                   const Tensor& counts, int64_t ignore_index,
+                                   bool normalize_features) {
   check_features("x", x);
   check_protos("grad_protos", grad_protos, x.size(0), x.size(1));
   const int64_t num_classes = grad_protos.size(-2);
@@ -464,9 +519,11 @@ Tensor prototype_pool_backward_cpu(const Tensor& grad_protos, const Tensor& x, c
   const LabelMap map = label_map(labels, x.size(0), x.size(2), x.size(3), num_classes, ignore_index);
   GradOut grad(x);
   const Tensor grad_groups = as_groups(grad_protos, acc_dtype(x));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "prototype_pool_backward_cpu",
-                                  [&] { pool_backward<scalar_t>(grad_groups, counts, map, grad); });
+  const Features f = features_view(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "prototype_pool_backward_cpu", [&] {
+        pool_backward<scalar_t>(grad_groups, counts, map, f, normalize_features, grad);
+      });
   grad.finish();
   return grad.result;
 }
@@ -511,23 +568,37 @@ std::vector<acc> pack_present(const NormalisedProtos<acc>& p, const PresentSet& 
   return packed;
 }
 
-// cos[j][t] = x̂_t · P̂_j for the P packed classes (rows of K in `packed`, [C][K]).
+// cos[j][t] = x̂_t · P̂_j for the P packed classes (rows of K in `packed`, [C][K]). Classes go
+// kClassBlock at a time with their kTile-pixel accumulators in registers (a small GEMM
+// micro-kernel: per channel, kTile pixel values × kClassBlock broadcast prototype values).
+constexpr int64_t kClassBlock = 4;
+
 template <typename acc>
 void tile_cosines(const acc* x, int64_t channels, const acc* packed, int64_t k, int64_t num_present,
                   const acc* inv, acc* cos) {
-  std::fill(cos, cos + num_present * kTile, acc(0));
-  for (int64_t c = 0; c < channels; ++c) {
-    const acc* xc = x + c * kTile;
-    const acc* pc = packed + c * k;
-    for (int64_t j = 0; j < num_present; ++j) {
-      const acc pj = pc[j];
-      acc* cj = cos + j * kTile;
-      for (int64_t t = 0; t < kTile; ++t) cj[t] += pj * xc[t];
+  int64_t j0 = 0;
+  for (; j0 + kClassBlock <= num_present; j0 += kClassBlock) {
+    acc sums[kClassBlock][kTile] = {};
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc* xc = x + c * kTile;
+      const acc* pc = packed + c * k + j0;
+      for (int64_t jj = 0; jj < kClassBlock; ++jj) {
+        const acc pj = pc[jj];
+        for (int64_t t = 0; t < kTile; ++t) sums[jj][t] += pj * xc[t];
+      }
+    }
+    for (int64_t jj = 0; jj < kClassBlock; ++jj) {
+      for (int64_t t = 0; t < kTile; ++t) cos[(j0 + jj) * kTile + t] = sums[jj][t] * inv[t];
     }
   }
-  for (int64_t j = 0; j < num_present; ++j) {
-    acc* cj = cos + j * kTile;
-    for (int64_t t = 0; t < kTile; ++t) cj[t] *= inv[t];
+  for (; j0 < num_present; ++j0) {
+    acc sums[kTile] = {};
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc pj = packed[c * k + j0];
+      const acc* xc = x + c * kTile;
+      for (int64_t t = 0; t < kTile; ++t) sums[t] += pj * xc[t];
+    }
+    for (int64_t t = 0; t < kTile; ++t) cos[j0 * kTile + t] = sums[t] * inv[t];
   }
 }
 
@@ -658,7 +729,8 @@ Tensor kl_forward(const KLProblem<acc_t<scalar_t>>& p, const at::TensorOptions& 
 template <typename acc>
 void kl_side_grads(const acc* x, int64_t channels, const acc* packed, int64_t k, int64_t num_present,
                    const acc* norm, const acc* inv, const acc* dcos, const acc* dot,
-                   acc* grad_x /* [C][kTile] or null */, acc* grad_hat /* [P][C] or null */) {
+                   acc* grad_x /* [C][kTile] or null */, acc* grad_hat /* [P][C] or null */,
+                   acc* x_hat_t /* [kTile][C] scratch */) {
   if (grad_x != nullptr) {
     for (int64_t c = 0; c < channels; ++c) {
       acc dx[kTile] = {};
@@ -677,15 +749,19 @@ void kl_side_grads(const acc* x, int64_t channels, const acc* packed, int64_t k,
     }
   }
   if (grad_hat != nullptr) {
+    // ∂P̂_j += Σ_t dcos_j[t] x̂_t as axpys along C (x̂ transposed to [kTile][C] first): no
+    // reduction across SIMD lanes, which strict IEEE order would keep scalar.
     for (int64_t c = 0; c < channels; ++c) {
-      acc xh[kTile];
       const acc* xc = x + c * kTile;
-      for (int64_t t = 0; t < kTile; ++t) xh[t] = xc[t] * inv[t];
+      for (int64_t t = 0; t < kTile; ++t) x_hat_t[t * channels + c] = xc[t] * inv[t];
+    }
+    for (int64_t t = 0; t < kTile; ++t) {
+      const acc* xt = x_hat_t + t * channels;
       for (int64_t j = 0; j < num_present; ++j) {
-        const acc* dj = dcos + j * kTile;
-        acc sum = 0;
-        for (int64_t t = 0; t < kTile; ++t) sum += dj[t] * xh[t];
-        grad_hat[j * channels + c] += sum;
+        const acc w = dcos[j * kTile + t];
+        if (w == acc(0)) continue;  // past the tile's pixels
+        acc* row = grad_hat + j * channels;
+        for (int64_t c = 0; c < channels; ++c) row[c] += w * xt[c];
       }
     }
   }
@@ -711,6 +787,7 @@ void kl_backward(const KLProblem<acc_t<scalar_t>>& p, double grad_loss, GradOut*
     KLTileBuffers<acc> b(p.s.c, p.t.c, k);
     std::vector<acc> dcos_s(k * kTile), dcos_t(k * kTile);
     std::vector<acc> tile_grad(std::max(p.s.c, p.t.c) * kTile);
+    std::vector<acc> x_hat_t(std::max(p.s.c, p.t.c) * kTile);
     acc dot_s[kTile], dot_t[kTile];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / chunks, first = (item % chunks) * per_chunk;
@@ -748,14 +825,16 @@ void kl_backward(const KLProblem<acc_t<scalar_t>>& p, double grad_loss, GradOut*
           kl_side_grads(b.xs.data(), p.s.c, p.packed_s.data() + g * p.s.c * k, k, num_present,
                         b.norm_s, b.inv_s, dcos_s.data(), dot_s,
                         gs != nullptr ? tile_grad.data() : nullptr,
-                        grad_ps != nullptr ? partial_s.data() + item * k * p.s.c : nullptr);
+                        grad_ps != nullptr ? partial_s.data() + item * k * p.s.c : nullptr,
+                        x_hat_t.data());
           if (gs != nullptr) scatter_tile(gs, grad_s->strides, n, l0, p.s.c, count, tile_grad.data());
         }
         if (gt != nullptr || grad_pt != nullptr) {
           kl_side_grads(b.xt.data(), p.t.c, p.packed_t.data() + g * p.t.c * k, k, num_present,
                         b.norm_t, b.inv_t, dcos_t.data(), dot_t,
                         gt != nullptr ? tile_grad.data() : nullptr,
-                        grad_pt != nullptr ? partial_t.data() + item * k * p.t.c : nullptr);
+                        grad_pt != nullptr ? partial_t.data() + item * k * p.t.c : nullptr,
+                        x_hat_t.data());
           if (gt != nullptr) scatter_tile(gt, grad_t->strides, n, l0, p.t.c, count, tile_grad.data());
         }
       }

@@ -66,17 +66,19 @@ class AdaptivePerspectiveDistillation(nn.Module):
         self.student_projection = _projection(student_channels, hidden_channels, teacher_channels)
         self.teacher_projection = _projection(teacher_channels, hidden_channels, teacher_channels)
 
-    def _pool(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pool(self, x: torch.Tensor, labels: torch.Tensor, normalize_features: bool = False):
         return kdops.prototype_pool(x, labels, self.num_classes, self.ignore_index, per_image=False,
-                                    backend=self.backend)
+                                    normalize_features=normalize_features, backend=self.backend)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, student_logits: torch.Tensor,
                 teacher_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        student = F.normalize(self.student_projection(student), dim=1)
+        # The projected features are normalised inside the ops (the prototypes are means of the
+        # unit features; prototype_kl takes cosines): no normalised copy is formed or saved.
+        student = self.student_projection(student)
         with torch.no_grad():
-            teacher = like(F.normalize(self.teacher_projection(teacher), dim=1), student)
-        student_protos, counts = self._pool(student, labels)
-        teacher_protos, _ = self._pool(teacher, labels)
+            teacher = like(self.teacher_projection(teacher), student)
+        student_protos, counts = self._pool(student, labels, normalize_features=True)
+        teacher_protos, _ = self._pool(teacher, labels, normalize_features=True)
         present = counts > 0
         num_present = present.sum().clamp(min=1)
 

@@ -67,6 +67,7 @@ def prototype_pool(
     num_classes: int,
     ignore_index: int = 255,
     per_image: bool = True,
+    normalize_features: bool = False,
     *,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,15 +78,19 @@ def prototype_pool(
     Returns (protos, counts): protos[n, k] = mean of x[n, :, i] over the pixels i of class k,
     (N, K, C), or over the whole batch when ``per_image=False``, (K, C), in float32 (float64
     for float64 x); counts: int64 pixel counts, (N, K) or (K,). A class with count 0 has a
-    zero prototype.
+    zero prototype. ``normalize_features=True`` pools the unit features x / max(‖x‖₂, 1e-12)
+    (over C, per pixel) instead: APD's prototypes of normalised features, without forming a
+    normalised copy of x (nor keeping one for backward).
     """
     _checks.tensor("x", x, ndim=4)
     num_classes, ignore_index = _check_classes(num_classes, ignore_index)
     if not isinstance(per_image, bool):
         raise TypeError(f"per_image must be a bool, got {type(per_image).__name__}")
+    if not isinstance(normalize_features, bool):
+        raise TypeError(f"normalize_features must be a bool, got {type(normalize_features).__name__}")
     _check_labels(labels, x, num_classes, ignore_index)
     return _backend.dispatch("prototype_pool", backend, x)(
-        x, labels, num_classes, ignore_index, per_image
+        x, labels, num_classes, ignore_index, per_image, normalize_features
     )
 
 
@@ -166,8 +171,10 @@ def class_variation_loss(
 # never a (K × L) observation tensor or a copy of the features.
 
 
-def _prototype_pool_extension(x, labels, num_classes, ignore_index, per_image):
-    return tuple(torch.ops.kdops.prototype_pool(x, labels, num_classes, ignore_index, per_image))
+def _prototype_pool_extension(x, labels, num_classes, ignore_index, per_image, normalize_features):
+    return tuple(
+        torch.ops.kdops.prototype_pool(x, labels, num_classes, ignore_index, per_image, normalize_features)
+    )
 
 
 def _prototype_kl_extension(student, teacher, student_protos, teacher_protos, counts, tau):
@@ -183,13 +190,13 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _prototype_pool_fake(x, labels, num_classes, ignore_index, per_image):
+def _prototype_pool_fake(x, labels, num_classes, ignore_index, per_image, normalize_features):
     n, c = x.shape[:2]
     leading = (n, num_classes) if per_image else (num_classes,)
     return x.new_empty((*leading, c), dtype=_acc_dtype(x)), x.new_empty(leading, dtype=torch.int64)
 
 
-def _prototype_pool_backward_fake(grad_protos, x, labels, counts, ignore_index):
+def _prototype_pool_backward_fake(grad_protos, x, labels, counts, ignore_index, normalize_features):
     return torch.empty_like(x)
 
 
@@ -233,11 +240,12 @@ def _class_variation_loss_backward_fake(
 
 
 def _prototype_pool_setup_context(ctx, inputs, output):
-    x, labels, _, ignore_index, _ = inputs
+    x, labels, _, ignore_index, _, normalize_features = inputs
     _, counts = output
     ctx.mark_non_differentiable(counts)
     ctx.save_for_backward(x, labels, counts)
     ctx.ignore_index = ignore_index
+    ctx.normalize_features = normalize_features
 
 
 def _prototype_kl_setup_context(ctx, inputs, output):
@@ -263,9 +271,11 @@ def register_prototype_ops(namespace: str) -> None:
     def prototype_pool_backward(ctx, grad_protos, _grad_counts):
         x, labels, counts = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        grad_x = ops.prototype_pool_backward(grad_protos, x, labels, counts, ctx.ignore_index)
-        return grad_x, None, None, None, None
+            return None, None, None, None, None, None
+        grad_x = ops.prototype_pool_backward(
+            grad_protos, x, labels, counts, ctx.ignore_index, ctx.normalize_features
+        )
+        return grad_x, None, None, None, None, None
 
     def prototype_kl_backward(ctx, grad_loss):
         student, teacher, student_protos, teacher_protos, counts = ctx.saved_tensors

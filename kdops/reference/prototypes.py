@@ -66,6 +66,7 @@ def prototype_pool(
     num_classes: int,
     ignore_index: int = 255,
     per_image: bool = True,
+    normalize_features: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class prototypes: the mean feature of each class's pixels.
 
@@ -75,10 +76,15 @@ def prototype_pool(
       per_image=False: protos[k] = Σ_{n, i: y[n,i]=k} x[n, :, i] / counts[k], shape (K, C).
     counts: int64 pixel counts, (N, K) or (K,). protos are in the accumulation dtype;
     a class with count 0 has a zero prototype.
+    normalize_features=True pools the unit features x̂ = x / max(‖x‖₂, 1e-12) (over C, per
+    pixel) instead of x: APD's prototypes of L2-normalised features, without a normalised copy.
     """
     n, _, h, w = x.shape
     flat_labels = resize_labels(labels, (h, w)).reshape(n, h * w)
-    return _pool(flatten_spatial(x), flat_labels, num_classes, ignore_index, per_image)
+    feats = flatten_spatial(x)
+    if normalize_features:
+        feats = normalize(feats, dim=1)
+    return _pool(feats, flat_labels, num_classes, ignore_index, per_image)
 
 
 def _observations(x: torch.Tensor, protos: torch.Tensor, tau: float) -> torch.Tensor:

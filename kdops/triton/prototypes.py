@@ -180,6 +180,53 @@ def _gather_class_rows_kernel(
 
 
 @triton.jit
+def _gather_normalized_rows_kernel(
+    rows_ptr, labels_ptr, x_ptr, out_ptr,
+    C, L, W, K, num_tiles, group_stride,
+    x_stride_n, x_stride_c, x_stride_l, out_stride_n, out_stride_c, out_stride_l,
+    lab_stride_n, lab_stride_h, lab_stride_w, in_h, in_w, scale_h, scale_w, ignore_index,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """prototype_pool backward of normalised features: with r = rows[g, y_i] (∂protos / counts),
+    out[n, :, i] = (r − x̂ (x̂·r)) / ‖x‖ (r / eps when ‖x‖ ≤ eps); 0 at ignored pixels. Two
+    passes over the tile's channels: x·r and ‖x‖², then the gradient."""
+    pid = tl.program_id(0)
+    n = (pid // num_tiles).to(tl.int64)
+    positions = (pid % num_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pixel_mask = positions < L
+    positions = positions.to(tl.int64)
+    cls, _ = _pixel_classes(
+        labels_ptr, n, positions, pixel_mask, W, lab_stride_n, lab_stride_h, lab_stride_w,
+        in_h, in_w, scale_h, scale_w, K, ignore_index,
+    )
+    labelled = cls >= 0
+    row = n * group_stride + tl.maximum(cls, 0) * C
+    dot = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    sq = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        channels = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+        channel_mask = channels < C
+        x = _load_tile(x_ptr, n, channels, positions, channel_mask, labelled, x_stride_n, x_stride_c, x_stride_l)
+        r = tl.load(rows_ptr + row[None, :] + channels[:, None],
+                    mask=channel_mask[:, None] & labelled[None, :], other=0.0)
+        dot += tl.sum(x * r, 0)
+        sq += tl.sum(x * x, 0)
+    norm = tl.sqrt(sq)
+    inv = 1.0 / tl.maximum(norm, 1e-12)
+    projection = tl.where(norm > 1e-12, dot * inv * inv, 0.0)  # (x·r)/‖x‖²
+    for c0 in range(0, C, BLOCK_C):
+        channels = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+        channel_mask = channels < C
+        mask = channel_mask[:, None] & labelled[None, :]
+        x = _load_tile(x_ptr, n, channels, positions, channel_mask, labelled, x_stride_n, x_stride_c, x_stride_l)
+        r = tl.load(rows_ptr + row[None, :] + channels[:, None], mask=mask, other=0.0)
+        grad = tl.where(mask, (r - x * projection[None, :]) * inv[None, :], 0.0)
+        offsets = n * out_stride_n + channels[:, None] * out_stride_c + positions[None, :] * out_stride_l
+        tl.store(out_ptr + offsets, grad.to(out_ptr.dtype.element_ty),
+                 mask=channel_mask[:, None] & pixel_mask[None, :])
+
+
+@triton.jit
 def _class_cosines(x_ptr, hat_ptr, n, cls, positions, pixel_mask, C, K,
                    stride_n, stride_c, stride_l, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """(x̂·P̂[n, y] per pixel, ‖x‖ per pixel) for pixels of class cls ≥ 0 (P̂ float32 (N, K, C))."""
@@ -530,18 +577,23 @@ def _protos_grad_from_hat(grad_hat: torch.Tensor, hat: torch.Tensor, norm: torch
 # -- prototype_pool ------------------------------------------------------------------------
 
 
-def _prototype_pool_forward(x, labels, num_classes, ignore_index, per_image):
+def _prototype_pool_forward(x, labels, num_classes, ignore_index, per_image, normalize_features):
     _check_kernel_dtype("x", x)
     flat = _flatten(x)
     label_args = _Labels(labels, x.shape[2], x.shape[3], num_classes, ignore_index)
-    sums, counts, flags = _class_sums(flat, label_args)
+    weight = None
+    if normalize_features:
+        # Each pixel weighted by 1/max(‖x‖, eps): the class sums of the unit features.
+        norms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32)
+        weight = (1.0 / norms.clamp(min=_NORM_EPS)).contiguous()
+    sums, counts, flags = _class_sums(flat, label_args, weight)
     label_args.assert_in_range(flags)
     if not per_image:
         sums, counts = sums.sum(0), counts.sum(0)
     return _means(sums, counts), counts
 
 
-def _prototype_pool_backward(grad_protos, x, labels, counts, ignore_index):
+def _prototype_pool_backward(grad_protos, x, labels, counts, ignore_index, normalize_features):
     num_classes = grad_protos.shape[-2]
     flat = _flatten(x)
     n, c, length = flat.shape
@@ -552,10 +604,18 @@ def _prototype_pool_backward(grad_protos, x, labels, counts, ignore_index):
     num_tiles = triton.cdiv(length, block_p)
     group_stride = num_classes * c if grad_protos.dim() == 3 else 0
     with _device_guard(x):
-        _gather_class_rows_kernel[(n * num_tiles, triton.cdiv(c, block_c))](
-            rows, label_args.tensor, grad_flat, c, length, label_args.width, num_classes, num_tiles,
-            group_stride, *grad_flat.stride(), *label_args.args, BLOCK_C=block_c, BLOCK_P=block_p,
-        )
+        if normalize_features:
+            _gather_normalized_rows_kernel[(n * num_tiles,)](
+                rows, label_args.tensor, flat, grad_flat, c, length, label_args.width, num_classes,
+                num_tiles, group_stride, *flat.stride(), *grad_flat.stride(), *label_args.args,
+                BLOCK_C=block_c, BLOCK_P=block_p,
+            )
+        else:
+            _gather_class_rows_kernel[(n * num_tiles, triton.cdiv(c, block_c))](
+                rows, label_args.tensor, grad_flat, c, length, label_args.width, num_classes,
+                num_tiles, group_stride, *grad_flat.stride(), *label_args.args,
+                BLOCK_C=block_c, BLOCK_P=block_p,
+            )
     return grad
 
 
@@ -716,12 +776,13 @@ def _class_variation_loss_backward(grad_loss, student, teacher, labels, student_
 _SCHEMAS = {
     "prototype_pool": (
         _prototype_pool_forward,
-        "(Tensor x, Tensor labels, int num_classes, int ignore_index, bool per_image) "
-        "-> (Tensor protos, Tensor counts)",
+        "(Tensor x, Tensor labels, int num_classes, int ignore_index, bool per_image, "
+        "bool normalize_features) -> (Tensor protos, Tensor counts)",
     ),
     "prototype_pool_backward": (
         _prototype_pool_backward,
-        "(Tensor grad_protos, Tensor x, Tensor labels, Tensor counts, int ignore_index) -> Tensor grad_x",
+        "(Tensor grad_protos, Tensor x, Tensor labels, Tensor counts, int ignore_index, "
+        "bool normalize_features) -> Tensor grad_x",
     ),
     "prototype_kl": (
         _prototype_kl_forward,
@@ -760,9 +821,10 @@ register_prototype_ops("kdops_triton")
 # ---------------------------------------------------------------------------------------------
 
 
-def prototype_pool(x, labels, num_classes, ignore_index, per_image):
+def prototype_pool(x, labels, num_classes, ignore_index, per_image, normalize_features):
     """(protos, counts) of :func:`kdops.prototype_pool`, with autograd."""
-    return tuple(torch.ops.kdops_triton.prototype_pool(x, labels, num_classes, ignore_index, per_image))
+    return tuple(torch.ops.kdops_triton.prototype_pool(x, labels, num_classes, ignore_index, per_image,
+                                                       normalize_features))
 
 
 def prototype_kl(student, teacher, student_protos, teacher_protos, counts, tau):

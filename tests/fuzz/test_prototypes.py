@@ -58,10 +58,12 @@ def normalize(x, dim):
     return x / x.norm(dim=dim, keepdim=True).clamp(min=EPS)
 
 
-def pool_oracle(x, classes, num_classes, per_image):
+def pool_oracle(x, classes, num_classes, per_image, normalized=False):
     """(protos (N, K, C) or (K, C), counts, Σ|x| per prototype): explicit loops over classes."""
     n, c = x.shape[:2]
     feats = x.double().reshape(n, c, -1)
+    if normalized:
+        feats = normalize(feats, 1)
     sums = torch.zeros(n, num_classes, c, dtype=torch.float64)
     abs_sums = torch.zeros(n, num_classes, dtype=torch.float64)
     counts = torch.zeros(n, num_classes, dtype=torch.int64)
@@ -195,6 +197,7 @@ def test_prototype_pool(device, backend):
         dtype, x = data.draw(features(backend, pair=False))
         labels, num_classes, ignore_index = data.draw(label_map(x.shape[0], *x.shape[2:]))
         per_image = data.draw(st.booleans())
+        normalized = data.draw(st.booleans())
         grad_out = data.draw(GRAD_OUTS)
         classes = classes_at_features(labels, x.shape[2:], ignore_index)
         if data.draw(st.booleans()):
@@ -206,7 +209,7 @@ def test_prototype_pool(device, backend):
         def run():
             a = x.detach().requires_grad_(True)
             protos, counts = kdops.prototype_pool(a, labels, num_classes, ignore_index, per_image,
-                                                  backend=backend)
+                                                  normalized, backend=backend)
             weights = torch.linspace(-1, 1, protos.numel(), dtype=protos.dtype,
                                      device=protos.device).reshape(protos.shape)
             (grad,) = torch.autograd.grad((protos * weights).sum() * grad_out, a)
@@ -214,23 +217,29 @@ def test_prototype_pool(device, backend):
 
         protos, counts, grad, weights = run()
         fz.assert_unchanged(("x", "labels"), (x, labels), before)
-        clean = torch.where(torch.isnan(x.cpu()), 0.0, x.cpu().double())
-        exact, exact_counts, abs_means = pool_oracle(clean, classes, num_classes, per_image)
+        clean = torch.where(torch.isnan(x.cpu()), 0.0, x.cpu().double()).requires_grad_(True)
+        exact, exact_counts, abs_means = pool_oracle(clean, classes, num_classes, per_image, normalized)
         assert protos.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         assert torch.equal(counts.cpu(), exact_counts)
         assert not protos[counts == 0].any(), "an absent class has a non-zero prototype"
-        fz.assert_close("protos", protos, exact, tol=fz.LOSS_TOL[dtype], dtype=torch.float32
-                        if dtype != torch.float64 else dtype, condition=abs_means.norm().item())
-        # ∂/∂x[n, c, i] = weight[g, y_i, c] / count[g, y_i] · grad_out; 0 at ignored pixels.
-        n, c = x.shape[:2]
-        w64 = weights.double().cpu().reshape(-1 if per_image else 1, num_classes, c)
-        per_count = w64 / exact_counts.reshape(w64.shape[:2]).clamp(min=1).unsqueeze(-1)
-        rows = per_count.expand(n, -1, -1) if not per_image else per_count
-        gathered = rows.gather(1, classes.clamp(min=0)[:, :, None].expand(-1, -1, c))  # (N, L, C)
-        exact_grad = torch.where((classes >= 0)[:, :, None], gathered, 0.0) * grad_out
-        exact_grad = exact_grad.transpose(1, 2).reshape(x.shape)
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        # Normalised features: each unit vector is good to u·(√C + 2).
+        unit_error = (math.sqrt(x.shape[1]) + 2) if normalized else 1.0
+        fz.assert_close("protos", protos, exact.detach(), tol=fz.LOSS_TOL[dtype], dtype=compute,
+                        condition=unit_error * abs_means.norm().item())
+        (exact_grad,) = torch.autograd.grad((exact * weights.double().cpu()).sum() * grad_out, clean)
         assert grad.dtype == dtype
-        fz.assert_close("grad x", grad, exact_grad, tol=fz.GRAD_TOL[dtype], dtype=dtype)
+        n = x.shape[0]
+        norms = clean.detach().reshape(n, x.shape[1], -1).norm(dim=1).clamp(min=1e-12)
+        grad_condition = 0.0
+        if normalized:
+            # ∂x = (r − x̂(x̂·r))/‖x‖: r good to u, x̂ to u·(√C + 2).
+            rows = weights.double().cpu().abs().reshape(-1, num_classes, x.shape[1]).sum(-1)
+            per_count = rows / exact_counts.reshape(rows.shape).clamp(min=1)
+            per_pixel = per_count.expand(n, -1).gather(1, classes.clamp(min=0)) * (classes >= 0)
+            grad_condition = unit_error * abs(grad_out) * (per_pixel / norms).norm().item()
+        fz.assert_close("grad x", grad, exact_grad, tol=fz.GRAD_TOL[dtype], dtype=dtype,
+                        condition=grad_condition)
         assert (grad.cpu()[(classes < 0).reshape(n, 1, *x.shape[2:]).expand(x.shape)] == 0).all()
         again = run()
         for first, second in zip((protos, counts, grad), again[:3]):

@@ -22,9 +22,9 @@ def labels_like(n, h, w, num_classes, ignore_index=255, seed=1):
 
 
 def pool_args():
-    # Non-default ignore_index and per_image, labels at another resolution: a wrong argument
-    # order or a dropped argument changes the result.
-    return (features(2, 3, 5, 7), labels_like(2, 9, 4, 4, ignore_index=7), 4, 7, False)
+    # Non-default ignore_index, per_image and normalize_features, labels at another resolution:
+    # a wrong argument order or a dropped argument changes the result.
+    return (features(2, 3, 5, 7), labels_like(2, 9, 4, 4, ignore_index=7), 4, 7, False, True)
 
 
 def kl_args():
@@ -80,7 +80,7 @@ def test_defaults_match_the_documented_ones(backend):
     x, labels = features(2, 3, 4, 4), labels_like(2, 4, 4, 3)
     assert_same(
         kdops.prototype_pool(x, labels, 3, backend=backend),
-        kdops.prototype_pool(x, labels, 3, 255, True, backend=backend),
+        kdops.prototype_pool(x, labels, 3, 255, True, False, backend=backend),
     )
     s, t, s_protos, t_protos, counts, _ = kl_args()
     assert_same(
@@ -93,7 +93,7 @@ def test_defaults_match_the_documented_ones(backend):
         kdops.class_variation_loss(s, t, labels, 3, 255, backend=backend),
     )
     # The reference's own defaults are the same ones.
-    assert_same(ref.prototype_pool(x, labels, 3), ref.prototype_pool(x, labels, 3, 255, True))
+    assert_same(ref.prototype_pool(x, labels, 3), ref.prototype_pool(x, labels, 3, 255, True, False))
     assert_same(ref.class_variation_loss(s, t, labels, 3), ref.class_variation_loss(s, t, labels, 3, 255))
 
 
@@ -197,6 +197,7 @@ VALIDATION_CASES = [
     pytest.param(pool(ignore_index=255.0), TypeError, "ignore_index", id="pool-ignore_index-float"),
     pytest.param(pool(per_image=1), TypeError, "per_image", id="pool-per_image-int"),
     pytest.param(pool(per_image="yes"), TypeError, "per_image", id="pool-per_image-str"),
+    pytest.param(pool(normalize_features=1), TypeError, "normalize_features", id="pool-normalize-int"),
     *[
         pytest.param(pool(labels=bad), (TypeError, ValueError), "labels", id=f"pool-labels-{name}")
         for name, bad in BAD_LABELS.items()
