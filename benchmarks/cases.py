@@ -188,12 +188,14 @@ def prototype_cases(device: str, dtype: torch.dtype) -> list[Case]:
                         make_inputs=make, reference=reference, public=public,
                         bytes_fwd=reads_fwd * nbytes, bytes_fwd_bwd=moved_fwd_bwd * nbytes)
 
-        # pool: forward reads x; backward writes its gradient.
+        # pool (batch prototypes, reduced to a scalar so every variant ends in a loss): forward
+        # reads x; backward writes its gradient.
         out.append(case(
             "prototype_pool", "prototype_pool", _feature_pair_with_labels(shape),
-            lambda x, t, labels: ref_prototypes.prototype_pool(x, labels, NUM_CLASSES, 255, False)[0],
+            lambda x, t, labels: ref_prototypes.prototype_pool(x, labels, NUM_CLASSES, 255, False)[0]
+            .square().sum(),
             lambda x, t, labels, backend: kdops.prototype_pool(x, labels, NUM_CLASSES, 255, False,
-                                                               backend=backend)[0],
+                                                               backend=backend)[0].square().sum(),
             1, 2))
         # prototype_kl with fixed batch prototypes: forward reads s, t; backward reads them
         # again and writes the student's gradient.

@@ -638,8 +638,11 @@ def _kl_launch(student, teacher, student_protos, teacher_protos, counts, tau, *,
     s_hat, t_hat = s_hat.contiguous(), t_hat.contiguous()
     present = (counts > 0).to(torch.int32).contiguous()
     group_rows = num_classes if student_protos.dim() == 3 else 0
-    block_p, block_c = _launch("block_p", _BLOCK_P), _launch("block_c", _BLOCK_C)
     block_k = max(16, triton.next_power_of_2(num_classes))
+    # A tile's (BLOCK_K × BLOCK_P) cosines of both sides live in registers: fewer pixels per
+    # tile for many classes (K = 150: 16 pixels).
+    block_p = _launch("block_p", max(16, min(_BLOCK_P, 4096 // block_k)))
+    block_c = _launch("block_c", _BLOCK_C)
     num_tiles = triton.cdiv(length, block_p)
     grid = (n * num_tiles,)
     partials = _new_buffer(grid if not backward else (0,), torch.float32, s.device)

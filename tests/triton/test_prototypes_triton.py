@@ -45,10 +45,11 @@ SHAPE, K, LABEL_SIZE = (2, 37, 9, 11), 35, (17, 23)
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("per_image", [True, False], ids=["per-image", "per-batch"])
-def test_prototype_pool_crosses_blocks(device, layout, per_image):
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
+def test_prototype_pool_crosses_blocks(device, layout, per_image, normalize):
     labels = make_labels(SHAPE[0], LABEL_SIZE, K, device)
     x = make_features(SHAPE, torch.float32, layout, device)
-    check_pool("triton", x, labels, K, 1e-5, 1e-5, per_image)
+    check_pool("triton", x, labels, K, 1e-5, 1e-5, per_image, normalize=normalize)
 
 
 @pytest.mark.parametrize("per_image", [True, False], ids=["per-image", "per-batch"])
@@ -71,7 +72,7 @@ def test_out_of_range_labels_assert_on_the_device(device):
     labels[1, 2, 3] = 7
     x = make_features((2, 4, 5, 6), torch.float32, "contiguous", device)
     with pytest.raises(RuntimeError, match="labels hold a value outside"):
-        torch.ops.kdops_triton.prototype_pool(x, labels, 3, 255, True)
+        torch.ops.kdops_triton.prototype_pool(x, labels, 3, 255, True, False)
         if device == "cuda":
             torch.cuda.synchronize()
 
