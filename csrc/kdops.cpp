@@ -48,6 +48,16 @@ TORCH_LIBRARY(kdops, m) {
   // grad_bias (K,) in the maps' dtype), an empty tensor for each gradient not requested.
   m.def("attention_reduce(Tensor x, float p, bool mean) -> Tensor map");
   m.def("attention_reduce_backward(Tensor grad_map, Tensor x, float p, bool mean) -> Tensor grad_x");
+  // attention_loss: the whole loss in one op (x: (N, C, H, W)); loss (0-dim), and the two raw
+  // maps resized to `size` (default the student's (H, W)), (N, H', W') each, for the backward.
+  m.def(
+      "attention_loss(Tensor student, Tensor teacher, float p, bool mean, str norm, int[]? size) "
+      "-> (Tensor loss, Tensor student_map, Tensor teacher_map)");
+  m.def(
+      "attention_loss_backward(Tensor grad_loss, Tensor student, Tensor teacher, "
+      "Tensor student_map, Tensor teacher_map, float p, bool mean, str norm, "
+      "bool student_requires_grad, bool teacher_requires_grad) "
+      "-> (Tensor grad_student, Tensor grad_teacher)");
   m.def("class_attention_scores(Tensor x, Tensor weight, Tensor? bias) -> Tensor maps");
   m.def(
       "class_attention_scores_backward(Tensor grad_maps, Tensor maps, Tensor x, Tensor weight, "

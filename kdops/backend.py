@@ -103,7 +103,6 @@ OPS: dict[str, OpSpec] = {
             cpu="kdops.ops.attention:_attention_loss_extension",
             cuda="kdops.ops.attention:_attention_loss_extension",
             triton="kdops.triton.attention:attention_loss",
-            kernel_op="attention_reduce",
         ),
         OpSpec(
             "class_attention_map",

@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "common/attention.h"
+#include "common/attention_loss.h"
 #include "common/tensor_layout.h"
 
 namespace kdops {
@@ -102,27 +103,27 @@ template <typename T>
 struct VecPower {
   using V = at::vec::Vectorized<T>;
 
-  static V value(const V& x, const V& p, PowerKind kind) {
-    switch (kind) {
-      case PowerKind::kAbs: return x.abs();
-      case PowerKind::kSquare: return x * x;
-      case PowerKind::kCube: return x.abs() * x * x;
-      default: return x.abs().pow(p);  // pow(0, p > 0) = 0
-    }
+  template <PowerKind kKind>
+  static V value(const V& x, const V& p) {
+    if constexpr (kKind == PowerKind::kAbs) return x.abs();
+    else if constexpr (kKind == PowerKind::kSquare) return x * x;
+    else if constexpr (kKind == PowerKind::kCube) return x.abs() * x * x;
+    else return x.abs().pow(p);  // pow(0, p > 0) = 0
   }
-  static V grad(const V& x, const V& p, PowerKind kind) {
+  template <PowerKind kKind>
+  static V grad(const V& x, const V& p) {
     const V zero(T(0));
-    switch (kind) {
-      case PowerKind::kAbs:
-        return V::blendv(zero, V(T(1)), x > zero) - V::blendv(zero, V(T(1)), x < zero);
-      case PowerKind::kSquare: return V(T(2)) * x;
-      case PowerKind::kCube: return V(T(3)) * x * x.abs();
-      default: {
-        // p·|x|^(p−1)·sign(x); at x = 0 the pow is ∞ for p < 1: the blend makes it 0.
-        const V magnitude = p * x.abs().pow(p - V(T(1)));
-        const V signed_magnitude = V::blendv(magnitude, zero - magnitude, x < zero);
-        return V::blendv(signed_magnitude, zero, x == zero);
-      }
+    if constexpr (kKind == PowerKind::kAbs) {
+      return V::blendv(zero, V(T(1)), x > zero) - V::blendv(zero, V(T(1)), x < zero);
+    } else if constexpr (kKind == PowerKind::kSquare) {
+      return V(T(2)) * x;
+    } else if constexpr (kKind == PowerKind::kCube) {
+      return V(T(3)) * x * x.abs();
+    } else {
+      // p·|x|^(p−1)·sign(x); at x = 0 the pow is ∞ for p < 1: the blend makes it 0.
+      const V magnitude = p * x.abs().pow(p - V(T(1)));
+      const V signed_magnitude = V::blendv(magnitude, zero - magnitude, x < zero);
+      return V::blendv(signed_magnitude, zero, x == zero);
     }
   }
 };
@@ -166,14 +167,24 @@ constexpr int64_t kUnroll = 4;  // rows of x summed before the map chunk is touc
 // ---------------------------------------------------------------------------------------------
 // attention_reduce forward
 
-template <typename scalar_t>
+// Calls f(std::integral_constant<PowerKind, kind>{}): the power's form fixed at compile time.
+template <typename F>
+void with_kind(PowerKind kind, F&& f) {
+  switch (kind) {
+    case PowerKind::kAbs: return f(std::integral_constant<PowerKind, PowerKind::kAbs>{});
+    case PowerKind::kSquare: return f(std::integral_constant<PowerKind, PowerKind::kSquare>{});
+    case PowerKind::kCube: return f(std::integral_constant<PowerKind, PowerKind::kCube>{});
+    default: return f(std::integral_constant<PowerKind, PowerKind::kGeneral>{});
+  }
+}
+
+template <typename scalar_t, PowerKind kind>
 void attention_reduce_kernel(const FeatureView& v, double p_value, double scale_value, Tensor& map) {
   using acc = acc_t<scalar_t>;
   using IO = VecIO<scalar_t>;
   using V = typename IO::V;
   using P = VecPower<acc>;
   constexpr int64_t W = IO::kWidth;
-  const PowerKind kind = power_kind(p_value);
   const acc p = static_cast<acc>(p_value), scale = static_cast<acc>(scale_value);
   const scalar_t* x = v.x.const_data_ptr<scalar_t>();
   acc* out = map.data_ptr<acc>();
@@ -196,10 +207,10 @@ void attention_reduce_kernel(const FeatureView& v, double p_value, double scale_
             const scalar_t* r0 = xn + c * s.c;
             for (int64_t i = 0; i < len; i += W) {
               const int64_t m = std::min(W, len - i);
-              const V f0 = P::value(IO::load(r0 + i, m), V(p), kind);
-              const V f1 = P::value(IO::load(r0 + s.c + i, m), V(p), kind);
-              const V f2 = P::value(IO::load(r0 + 2 * s.c + i, m), V(p), kind);
-              const V f3 = P::value(IO::load(r0 + 3 * s.c + i, m), V(p), kind);
+              const V f0 = P::template value<kind>(IO::load(r0 + i, m), V(p));
+              const V f1 = P::template value<kind>(IO::load(r0 + s.c + i, m), V(p));
+              const V f2 = P::template value<kind>(IO::load(r0 + 2 * s.c + i, m), V(p));
+              const V f3 = P::template value<kind>(IO::load(r0 + 3 * s.c + i, m), V(p));
               (V::loadu(a + i, m) + ((f0 + f1) + (f2 + f3))).store(a + i, m);
             }
           }
@@ -207,7 +218,7 @@ void attention_reduce_kernel(const FeatureView& v, double p_value, double scale_
             const scalar_t* r = xn + c * s.c;
             for (int64_t i = 0; i < len; i += W) {
               const int64_t m = std::min(W, len - i);
-              (V::loadu(a + i, m) + P::value(IO::load(r + i, m), V(p), kind)).store(a + i, m);
+              (V::loadu(a + i, m) + P::template value<kind>(IO::load(r + i, m), V(p))).store(a + i, m);
             }
           }
           for (int64_t i = 0; i < len; i += W) {
@@ -227,12 +238,12 @@ void attention_reduce_kernel(const FeatureView& v, double p_value, double scale_
           V acc0(acc(0)), acc1(acc(0));
           int64_t c = 0;
           for (; c + 2 * W <= C; c += 2 * W) {
-            acc0 = acc0 + P::value(IO::load(xp + c), V(p), kind);
-            acc1 = acc1 + P::value(IO::load(xp + c + W), V(p), kind);
+            acc0 = acc0 + P::template value<kind>(IO::load(xp + c), V(p));
+            acc1 = acc1 + P::template value<kind>(IO::load(xp + c + W), V(p));
           }
           for (; c < C; c += W) {
             // The zero fill of a partial load contributes |0|^p = 0.
-            acc0 = acc0 + P::value(IO::load(xp + c, std::min(W, C - c)), V(p), kind);
+            acc0 = acc0 + P::template value<kind>(IO::load(xp + c, std::min(W, C - c)), V(p));
           }
           out[pixel] = at::vec::vec_reduce_all<acc>(sum_op, acc0 + acc1) * scale;
         }
@@ -259,7 +270,7 @@ void attention_reduce_kernel(const FeatureView& v, double p_value, double scale_
 // ---------------------------------------------------------------------------------------------
 // attention_reduce backward
 
-template <typename scalar_t>
+template <typename scalar_t, PowerKind kind>
 void attention_reduce_backward_kernel(const FeatureView& v, const Tensor& grad_map, double p_value,
                                       double scale_value, Tensor& grad_x) {
   using acc = acc_t<scalar_t>;
@@ -267,7 +278,6 @@ void attention_reduce_backward_kernel(const FeatureView& v, const Tensor& grad_m
   using V = typename IO::V;
   using P = VecPower<acc>;
   constexpr int64_t W = IO::kWidth;
-  const PowerKind kind = power_kind(p_value);
   const acc p = static_cast<acc>(p_value), scale = static_cast<acc>(scale_value);
   const scalar_t* x = v.x.const_data_ptr<scalar_t>();
   const acc* g = grad_map.const_data_ptr<acc>();
@@ -295,7 +305,7 @@ void attention_reduce_backward_kernel(const FeatureView& v, const Tensor& grad_m
             for (int64_t i = 0; i < len; i += W) {
               const int64_t m = std::min(W, len - i);
               const V gv = V::loadu(gn + i, m) * V(scale);
-              IO::store(out + i, gv * P::grad(IO::load(r + i, m), V(p), kind), m);
+              IO::store(out + i, gv * P::template grad<kind>(IO::load(r + i, m), V(p)), m);
             }
           }
         }
@@ -311,7 +321,7 @@ void attention_reduce_backward_kernel(const FeatureView& v, const Tensor& grad_m
           const V gv(g[pixel] * scale);
           for (int64_t c = 0; c < C; c += W) {
             const int64_t m = std::min(W, C - c);
-            IO::store(out + c, gv * P::grad(IO::load(xp + c, m), V(p), kind), m);
+            IO::store(out + c, gv * P::template grad<kind>(IO::load(xp + c, m), V(p)), m);
           }
         }
       });
@@ -365,7 +375,12 @@ Tensor attention_reduce_cpu(const Tensor& x, double p, bool mean) {
   Tensor map = at::empty(map_shape(x), x.options().dtype(acc_dtype(x)));
   const double scale = mean ? 1.0 / static_cast<double>(v.c) : 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_reduce_cpu",
-                                  [&] { attention_reduce_kernel<scalar_t>(v, p, scale, map); });
+                                  [&] {
+                                    with_kind(power_kind(p), [&](auto kind) {
+                                      attention_reduce_kernel<scalar_t, decltype(kind)::value>(
+                                          v, p, scale, map);
+                                    });
+                                  });
   return map;
 }
 
@@ -386,9 +401,264 @@ Tensor attention_reduce_backward_cpu(const Tensor& grad_map, const Tensor& x, do
   const double scale = mean ? 1.0 / static_cast<double>(v.c) : 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "attention_reduce_backward_cpu",
-      [&] { attention_reduce_backward_kernel<scalar_t>(v, g, p, scale, written); });
+      [&] {
+        with_kind(power_kind(p), [&](auto kind) {
+          attention_reduce_backward_kernel<scalar_t, decltype(kind)::value>(v, g, p, scale, written);
+        });
+      });
   if (!written.is_same(grad_x)) grad_x.copy_(written);
   return grad_x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention_loss: the reductions above around the map-sized steps of common/attention_loss.h
+
+void check_loss_pair(const Tensor& student, const Tensor& teacher) {
+  check_features("student", student);
+  check_features("teacher", teacher);
+  TORCH_CHECK_VALUE(student.dim() == 4 && teacher.dim() == 4,
+                    "student and teacher must have shape (N, C, H, W), got ", student.sizes(),
+                    " and ", teacher.sizes());
+  TORCH_CHECK_VALUE(teacher.size(0) == student.size(0),
+                    "teacher must have the batch size of student (N=", student.size(0), "), got ",
+                    teacher.sizes());
+  TORCH_CHECK_TYPE(teacher.scalar_type() == student.scalar_type(),
+                   "teacher must have the dtype of student (", student.scalar_type(), "), got ",
+                   teacher.scalar_type());
+}
+
+// The map-sized steps on CPU: plain loops on one thread. The maps are C times smaller than the
+// features (a few thousand elements per image), so ATen's kernels for them — each a dispatch
+// and a parallel region — would cost more than the reductions; these loops are a few µs.
+// Same math as common/attention_loss.h (which the CUDA registration uses).
+
+// One axis of a bilinear resize, align_corners=False (PyTorch's convention): output index o reads
+// source position max((o + 0.5)·in/out − 0.5, 0) between i0 and i1 = min(i0 + 1, in − 1).
+// The map-sized math runs in double whatever the maps' dtype: it costs nothing at map size, and
+// the only float32 rounding left is that of the maps themselves (the raw maps the kernels
+// return, and the resized maps saved for backward).
+using MapAcc = double;
+
+// One axis of a bilinear resize, align_corners=False (PyTorch's convention): output index o reads
+// source position max((o + 0.5)·in/out − 0.5, 0) between i0 and i1 = min(i0 + 1, in − 1).
+struct ResizeAxis {
+  std::vector<int64_t> i0, i1;
+  std::vector<MapAcc> w0, w1;
+
+  ResizeAxis(int64_t in, int64_t out) : i0(out), i1(out), w0(out), w1(out) {
+    const MapAcc scale = static_cast<MapAcc>(in) / static_cast<MapAcc>(out);
+    for (int64_t o = 0; o < out; ++o) {
+      const MapAcc src = std::max(scale * (static_cast<MapAcc>(o) + 0.5) - 0.5, 0.0);
+      const int64_t lo = std::min(static_cast<int64_t>(src), in - 1);
+      i0[o] = lo;
+      i1[o] = lo + (lo < in - 1 ? 1 : 0);
+      w1[o] = src - static_cast<MapAcc>(lo);
+      w0[o] = 1.0 - w1[o];
+    }
+  }
+};
+
+struct MapResize {
+  int64_t h, w, out_h, out_w;
+  ResizeAxis ys, xs;
+  MapResize(int64_t h_, int64_t w_, int64_t oh, int64_t ow)
+      : h(h_), w(w_), out_h(oh), out_w(ow), ys(h_, oh), xs(w_, ow) {}
+
+  template <typename T>
+  void forward(const T* in, MapAcc* out) const {
+    for (int64_t oy = 0; oy < out_h; ++oy) {
+      const T* r0 = in + ys.i0[oy] * w;
+      const T* r1 = in + ys.i1[oy] * w;
+      for (int64_t ox = 0; ox < out_w; ++ox) {
+        const int64_t x0 = xs.i0[ox], x1 = xs.i1[ox];
+        out[oy * out_w + ox] =
+            ys.w0[oy] * (xs.w0[ox] * static_cast<MapAcc>(r0[x0]) + xs.w1[ox] * static_cast<MapAcc>(r0[x1])) +
+            ys.w1[oy] * (xs.w0[ox] * static_cast<MapAcc>(r1[x0]) + xs.w1[ox] * static_cast<MapAcc>(r1[x1]));
+      }
+    }
+  }
+  // grad_in = resizeᵀ·grad_out, accumulated in a fixed order.
+  template <typename T>
+  void backward(const MapAcc* grad_out, MapAcc* scratch, T* grad_in) const {
+    std::fill(scratch, scratch + h * w, 0.0);
+    for (int64_t oy = 0; oy < out_h; ++oy) {
+      MapAcc* r0 = scratch + ys.i0[oy] * w;
+      MapAcc* r1 = scratch + ys.i1[oy] * w;
+      for (int64_t ox = 0; ox < out_w; ++ox) {
+        const MapAcc g = grad_out[oy * out_w + ox];
+        const int64_t x0 = xs.i0[ox], x1 = xs.i1[ox];
+        r0[x0] += ys.w0[oy] * xs.w0[ox] * g;
+        r0[x1] += ys.w0[oy] * xs.w1[ox] * g;
+        r1[x0] += ys.w1[oy] * xs.w0[ox] * g;
+        r1[x1] += ys.w1[oy] * xs.w1[ox] * g;
+      }
+    }
+    for (int64_t i = 0; i < h * w; ++i) grad_in[i] = static_cast<T>(scratch[i]);
+  }
+};
+
+// A = norm(S) over one map of L positions.
+void normalize_positions(const MapAcc* s, MapAcc* a, int64_t L, MapNorm norm) {
+  if (norm == MapNorm::kNone) {
+    std::copy(s, s + L, a);
+  } else if (norm == MapNorm::kSoftmax) {
+    const MapAcc m = *std::max_element(s, s + L);
+    MapAcc total = 0;
+    for (int64_t i = 0; i < L; ++i) total += (a[i] = std::exp(s[i] - m));
+    const MapAcc inv = 1.0 / total;
+    for (int64_t i = 0; i < L; ++i) a[i] *= inv;
+  } else {
+    MapAcc sq = 0;
+    for (int64_t i = 0; i < L; ++i) sq += s[i] * s[i];
+    const MapAcc inv = 1.0 / std::max(std::sqrt(sq), kMapNormEps);
+    for (int64_t i = 0; i < L; ++i) a[i] = s[i] * inv;
+  }
+}
+
+// ∂/∂S from d = ∂/∂A (in place: d becomes the result).
+void normalize_positions_backward(const MapAcc* s, const MapAcc* a, MapAcc* d, int64_t L,
+                                  MapNorm norm) {
+  if (norm == MapNorm::kNone) return;
+  MapAcc dot = 0;
+  for (int64_t i = 0; i < L; ++i) dot += a[i] * d[i];
+  if (norm == MapNorm::kSoftmax) {
+    for (int64_t i = 0; i < L; ++i) d[i] = a[i] * (d[i] - dot);
+    return;
+  }
+  MapAcc sq = 0;
+  for (int64_t i = 0; i < L; ++i) sq += s[i] * s[i];
+  const MapAcc length = std::sqrt(sq);
+  const MapAcc inv = 1.0 / std::max(length, kMapNormEps);
+  // Where the clamp holds (‖S‖ ≤ eps), A = S/eps is linear in S: ∂ = d/eps.
+  const MapAcc along = length > kMapNormEps ? dot : 0.0;
+  for (int64_t i = 0; i < L; ++i) d[i] = (d[i] - a[i] * along) * inv;
+}
+
+struct LossGeometry {
+  int64_t n, hs, ws, ht, wt, out_h, out_w;
+};
+
+LossGeometry loss_geometry(const Tensor& student, const Tensor& teacher,
+                           at::OptionalIntArrayRef size) {
+  const auto out = loss_size(student, size);
+  return {student.size(0), student.size(2), student.size(3), teacher.size(2), teacher.size(3),
+          out[0], out[1]};
+}
+
+// S (rounded to the maps' dtype T, as saved for backward) read back in MapAcc.
+template <typename T>
+void round_trip(MapAcc* values, T* stored, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    stored[i] = static_cast<T>(values[i]);
+    values[i] = static_cast<MapAcc>(stored[i]);
+  }
+}
+
+template <typename T>
+void attention_loss_maps_forward(const LossGeometry& g, MapNorm norm, const Tensor& raw_s,
+                                 const Tensor& raw_t, Tensor& s_map, Tensor& t_map, Tensor& loss) {
+  const int64_t L = g.out_h * g.out_w;
+  const MapResize rs(g.hs, g.ws, g.out_h, g.out_w), rt(g.ht, g.wt, g.out_h, g.out_w);
+  std::vector<MapAcc> s(L), t(L), a_s(L), a_t(L);
+  MapAcc total = 0;
+  for (int64_t n = 0; n < g.n; ++n) {
+    rs.forward(raw_s.const_data_ptr<T>() + n * g.hs * g.ws, s.data());
+    rt.forward(raw_t.const_data_ptr<T>() + n * g.ht * g.wt, t.data());
+    round_trip(s.data(), s_map.data_ptr<T>() + n * L, L);
+    round_trip(t.data(), t_map.data_ptr<T>() + n * L, L);
+    normalize_positions(s.data(), a_s.data(), L, norm);
+    normalize_positions(t.data(), a_t.data(), L, norm);
+    for (int64_t i = 0; i < L; ++i) total += (a_s[i] - a_t[i]) * (a_s[i] - a_t[i]);
+  }
+  *loss.data_ptr<T>() = static_cast<T>(total / static_cast<MapAcc>(g.n * L));
+}
+
+template <typename T>
+void attention_loss_maps_backward(const LossGeometry& g, MapNorm norm, double grad_loss,
+                                  const Tensor& s_map, const Tensor& t_map, Tensor* grad_raw_s,
+                                  Tensor* grad_raw_t) {
+  const int64_t L = g.out_h * g.out_w;
+  const MapResize rs(g.hs, g.ws, g.out_h, g.out_w), rt(g.ht, g.wt, g.out_h, g.out_w);
+  std::vector<MapAcc> s(L), t(L), a_s(L), a_t(L), d_s(L), d_t(L);
+  std::vector<MapAcc> scratch(std::max(g.hs * g.ws, g.ht * g.wt));
+  const MapAcc coef = 2.0 * grad_loss / static_cast<MapAcc>(g.n * L);
+  for (int64_t n = 0; n < g.n; ++n) {
+    const T* s_in = s_map.const_data_ptr<T>() + n * L;
+    const T* t_in = t_map.const_data_ptr<T>() + n * L;
+    for (int64_t i = 0; i < L; ++i) {
+      s[i] = static_cast<MapAcc>(s_in[i]);
+      t[i] = static_cast<MapAcc>(t_in[i]);
+    }
+    normalize_positions(s.data(), a_s.data(), L, norm);
+    normalize_positions(t.data(), a_t.data(), L, norm);
+    for (int64_t i = 0; i < L; ++i) {
+      d_s[i] = coef * (a_s[i] - a_t[i]);
+      d_t[i] = -d_s[i];
+    }
+    if (grad_raw_s != nullptr) {
+      normalize_positions_backward(s.data(), a_s.data(), d_s.data(), L, norm);
+      rs.backward(d_s.data(), scratch.data(), grad_raw_s->data_ptr<T>() + n * g.hs * g.ws);
+    }
+    if (grad_raw_t != nullptr) {
+      normalize_positions_backward(t.data(), a_t.data(), d_t.data(), L, norm);
+      rt.backward(d_t.data(), scratch.data(), grad_raw_t->data_ptr<T>() + n * g.ht * g.wt);
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_loss_cpu(const Tensor& student, const Tensor& teacher,
+                                                      double p, bool mean, c10::string_view norm,
+                                                      at::OptionalIntArrayRef size) {
+  check_loss_pair(student, teacher);
+  const MapNorm map_norm_kind = map_norm(std::string_view(norm.data(), norm.size()));
+  const LossGeometry g = loss_geometry(student, teacher, size);
+  const Tensor raw_s = attention_reduce_cpu(student, p, mean);
+  const Tensor raw_t = attention_reduce_cpu(teacher, p, mean);
+  const auto options = raw_s.options();
+  Tensor s_map = at::empty({g.n, g.out_h, g.out_w}, options);
+  Tensor t_map = at::empty({g.n, g.out_h, g.out_w}, options);
+  Tensor loss = at::empty({}, options);
+  AT_DISPATCH_FLOATING_TYPES(raw_s.scalar_type(), "attention_loss_cpu", [&] {
+    attention_loss_maps_forward<scalar_t>(g, map_norm_kind, raw_s, raw_t, s_map, t_map, loss);
+  });
+  return {loss, s_map, t_map};
+}
+
+std::tuple<Tensor, Tensor> attention_loss_backward_cpu(
+    const Tensor& grad_loss, const Tensor& student, const Tensor& teacher,
+    const Tensor& student_map, const Tensor& teacher_map, double p, bool mean,
+    c10::string_view norm, bool student_requires_grad, bool teacher_requires_grad) {
+  check_loss_pair(student, teacher);
+  const MapNorm map_norm_kind = map_norm(std::string_view(norm.data(), norm.size()));
+  const LossGeometry g = loss_geometry(student, teacher, at::IntArrayRef{
+      student_map.dim() == 3 ? student_map.size(1) : 1, student_map.dim() == 3 ? student_map.size(2) : 1});
+  const std::vector<int64_t> expected{g.n, g.out_h, g.out_w};
+  TORCH_CHECK_VALUE(student_map.sizes() == at::IntArrayRef(expected) &&
+                        teacher_map.sizes() == student_map.sizes(),
+                    "student_map and teacher_map must be the forward's (N, H', W') maps, got ",
+                    student_map.sizes(), " and ", teacher_map.sizes());
+  const auto acc = acc_dtype(student);
+  TORCH_CHECK_TYPE(student_map.scalar_type() == acc && teacher_map.scalar_type() == acc,
+                   "student_map and teacher_map must be ", acc);
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one element, got shape ",
+                    grad_loss.sizes());
+  const double grad = grad_loss.item<double>();
+  const Tensor s = student_map.contiguous(), t = teacher_map.contiguous();
+  std::optional<Tensor> grad_raw_s, grad_raw_t;
+  if (student_requires_grad) grad_raw_s = at::empty({g.n, g.hs, g.ws}, s.options());
+  if (teacher_requires_grad) grad_raw_t = at::empty({g.n, g.ht, g.wt}, s.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "attention_loss_backward_cpu", [&] {
+    attention_loss_maps_backward<scalar_t>(g, map_norm_kind, grad, s, t,
+                                           grad_raw_s ? &*grad_raw_s : nullptr,
+                                           grad_raw_t ? &*grad_raw_t : nullptr);
+  });
+  Tensor grad_s = student_requires_grad
+                      ? attention_reduce_backward_cpu(*grad_raw_s, student, p, mean)
+                      : at::empty({0}, student.options());
+  Tensor grad_t = teacher_requires_grad
+                      ? attention_reduce_backward_cpu(*grad_raw_t, teacher, p, mean)
+                      : at::empty({0}, teacher.options());
+  return {grad_s, grad_t};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -492,6 +762,8 @@ std::tuple<Tensor, Tensor, Tensor> class_attention_scores_backward_cpu(
 TORCH_LIBRARY_IMPL(kdops, CPU, m) {
   m.impl("attention_reduce", &kdops::cpu::attention_reduce_cpu);
   m.impl("attention_reduce_backward", &kdops::cpu::attention_reduce_backward_cpu);
+  m.impl("attention_loss", &kdops::cpu::attention_loss_cpu);
+  m.impl("attention_loss_backward", &kdops::cpu::attention_loss_backward_cpu);
   m.impl("class_attention_scores", &kdops::cpu::class_attention_scores_cpu);
   m.impl("class_attention_scores_backward", &kdops::cpu::class_attention_scores_backward_cpu);
 }

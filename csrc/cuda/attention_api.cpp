@@ -20,6 +20,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/attention_loss.h"
 #include "common/tensor_layout.h"
 #include "cuda/attention.h"
 
@@ -110,6 +111,58 @@ Tensor attention_reduce_backward_cuda(const Tensor& grad_map, const Tensor& x_in
   C10_CUDA_CHECK(launch_attention_reduce_backward(params, c10::cuda::getCurrentCUDAStream()));
   if (!written.is_same(grad_x)) grad_x.copy_(written);
   return grad_x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention_loss: the reductions around the map-sized steps of common/attention_loss.h
+
+void check_loss_pair(const Tensor& student, const Tensor& teacher) {
+  check_features(student);
+  check_features(teacher);
+  TORCH_CHECK_VALUE(student.dim() == 4 && teacher.dim() == 4,
+                    "student and teacher must have shape (N, C, H, W), got ", student.sizes(),
+                    " and ", teacher.sizes());
+  TORCH_CHECK_VALUE(teacher.size(0) == student.size(0) && teacher.device() == student.device(),
+                    "teacher must have the batch size and device of student, got ",
+                    teacher.sizes(), " on ", teacher.device());
+  TORCH_CHECK_TYPE(teacher.scalar_type() == student.scalar_type(),
+                   "teacher must have the dtype of student (", student.scalar_type(), "), got ",
+                   teacher.scalar_type());
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_loss_cuda(const Tensor& student, const Tensor& teacher,
+                                                       double p, bool mean, c10::string_view norm,
+                                                       at::OptionalIntArrayRef size) {
+  check_loss_pair(student, teacher);
+  const MapNorm map_norm_kind = map_norm(std::string_view(norm.data(), norm.size()));
+  const auto out_size = loss_size(student, size);
+  return attention_loss_from_maps(attention_reduce_cuda(student, p, mean),
+                                  attention_reduce_cuda(teacher, p, mean), map_norm_kind, out_size);
+}
+
+std::tuple<Tensor, Tensor> attention_loss_backward_cuda(
+    const Tensor& grad_loss, const Tensor& student, const Tensor& teacher,
+    const Tensor& student_map, const Tensor& teacher_map, double p, bool mean,
+    c10::string_view norm, bool student_requires_grad, bool teacher_requires_grad) {
+  check_loss_pair(student, teacher);
+  const MapNorm map_norm_kind = map_norm(std::string_view(norm.data(), norm.size()));
+  TORCH_CHECK_VALUE(student_map.dim() == 3 && teacher_map.sizes() == student_map.sizes() &&
+                        student_map.size(0) == student.size(0),
+                    "student_map and teacher_map must be the forward's (N, H', W') maps, got ",
+                    student_map.sizes(), " and ", teacher_map.sizes());
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one element, got shape ",
+                    grad_loss.sizes());
+  const c10::cuda::CUDAGuard device_guard(student.device());
+  auto [grad_s_map, grad_t_map] = attention_loss_map_grads(
+      grad_loss, student_map, teacher_map, map_norm_kind, {student.size(2), student.size(3)},
+      {teacher.size(2), teacher.size(3)}, student_requires_grad, teacher_requires_grad);
+  Tensor grad_s = student_requires_grad
+                      ? attention_reduce_backward_cuda(grad_s_map.contiguous(), student, p, mean)
+                      : at::empty({0}, student.options());
+  Tensor grad_t = teacher_requires_grad
+                      ? attention_reduce_backward_cuda(grad_t_map.contiguous(), teacher, p, mean)
+                      : at::empty({0}, teacher.options());
+  return {grad_s, grad_t};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -216,6 +269,8 @@ std::tuple<Tensor, Tensor, Tensor> class_attention_scores_backward_cuda(
 TORCH_LIBRARY_IMPL(kdops, CUDA, m) {
   m.impl("attention_reduce", &kdops::cuda::attention_reduce_cuda);
   m.impl("attention_reduce_backward", &kdops::cuda::attention_reduce_backward_cuda);
+  m.impl("attention_loss", &kdops::cuda::attention_loss_cuda);
+  m.impl("attention_loss_backward", &kdops::cuda::attention_loss_backward_cuda);
   m.impl("class_attention_scores", &kdops::cuda::class_attention_scores_cuda);
   m.impl("class_attention_scores_backward", &kdops::cuda::class_attention_scores_backward_cuda);
 }

@@ -13,6 +13,10 @@ Triton) do exactly the feature-sized steps, as two custom ops with a backward op
   float32 accumulation, p = 1, 2, 3 without a pow; backward reads x once more and writes
   grad_x = g·p·|x|^(p−1)·sign(x) (/C) once (0 at x = 0, also for p < 1, where the reference's
   autograd gives NaN).
+* ``attention_loss(s, t, p, mean, norm, size)`` (C++ CPU and CUDA): both reductions and the
+  map-sized steps in one op with one backward op — one autograd node instead of a dozen, which
+  on CPU costs as much as the reductions themselves. It saves the inputs and the two resized
+  raw maps. (The Triton backend composes the loss from ``attention_reduce`` in PyTorch.)
 * ``class_attention_scores(x, weight, bias)`` → ReLU(W·x + b), (N, K, H, W) float32: a GEMM
   (float32-accurate for float32 inputs, tensor cores for 16-bit) with bias and ReLU fused;
   backward: grad_x = Wᵀ·g', grad_W = Σ_n g'·xᵀ, grad_b = Σ g' with g' = g·[maps > 0].
@@ -364,11 +368,62 @@ def register_attention_ops(namespace: str) -> None:
     )
 
 
+def _attention_loss_fake(student, teacher, p, mean, norm, size):
+    size = (student.shape[-2], student.shape[-1]) if size is None else tuple(size)
+    dtype = _acc_dtype(student)
+    n = student.shape[0]
+    return (student.new_empty((), dtype=dtype), student.new_empty((n, *size), dtype=dtype),
+            student.new_empty((n, *size), dtype=dtype))
+
+
+def _attention_loss_backward_fake(grad_loss, student, teacher, student_map, teacher_map, p, mean, norm,
+                                  student_requires_grad, teacher_requires_grad):
+    return (torch.empty_like(student) if student_requires_grad else student.new_empty((0,)),
+            torch.empty_like(teacher) if teacher_requires_grad else teacher.new_empty((0,)))
+
+
+def _attention_loss_setup_context(ctx, inputs, output):
+    student, teacher, p, mean, norm, size = inputs
+    _, student_map, teacher_map = output
+    ctx.mark_non_differentiable(student_map, teacher_map)
+    ctx.save_for_backward(student, teacher, student_map, teacher_map)
+    ctx.p, ctx.mean, ctx.norm = p, mean, norm
+
+
+def register_attention_loss_op(namespace: str) -> None:
+    """Fake kernel and autograd of ``<namespace>::attention_loss``: the whole loss as one op (the
+    C++ CPU and CUDA kernels), which saves the inputs and the two resized raw maps (N, H', W')."""
+    ops = getattr(torch.ops, namespace)
+
+    def attention_loss_backward(ctx, grad_loss, _grad_student_map, _grad_teacher_map):
+        student, teacher, student_map, teacher_map = ctx.saved_tensors
+        needs_student, needs_teacher = ctx.needs_input_grad[:2]
+        grad_student, grad_teacher = ops.attention_loss_backward(
+            grad_loss, student, teacher, student_map, teacher_map, ctx.p, ctx.mean, ctx.norm,
+            needs_student, needs_teacher,
+        )
+        return (grad_student if needs_student else None, grad_teacher if needs_teacher else None,
+                None, None, None, None)
+
+    torch.library.register_fake(f"{namespace}::attention_loss", _attention_loss_fake)
+    torch.library.register_fake(f"{namespace}::attention_loss_backward", _attention_loss_backward_fake)
+    torch.library.register_autograd(
+        f"{namespace}::attention_loss", attention_loss_backward, setup_context=_attention_loss_setup_context
+    )
+
+
+def _attention_loss_extension(student, teacher, p, reduce, norm, size):
+    """The C++ kernels' attention_loss: one op (one autograd node) for the whole loss — on CPU the
+    Python and autograd overhead of a dozen map-sized ops costs as much as the reductions."""
+    return torch.ops.kdops.attention_loss(student, teacher, p, reduce == "mean", norm,
+                                          None if size is None else list(size))[0]
+
+
 _EXTENSION_FUNCTIONS = fused_backend_functions("kdops")
 _attention_map_extension = _EXTENSION_FUNCTIONS["attention_map"]
-_attention_loss_extension = _EXTENSION_FUNCTIONS["attention_loss"]
 _class_attention_map_extension = _EXTENSION_FUNCTIONS["class_attention_map"]
 _class_attention_loss_extension = _EXTENSION_FUNCTIONS["class_attention_loss"]
 
 if _extension.loaded() and torch._C._dispatch_has_kernel("kdops::attention_reduce"):
     register_attention_ops("kdops")
+    register_attention_loss_op("kdops")

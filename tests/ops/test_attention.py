@@ -171,14 +171,15 @@ def test_gradient_at_exact_zeros_is_zero_for_p_below_one(device, backend):
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_map_reuse_equals_attention_loss(device, backend):
-    """attention_map(norm="none") + attention_map_distance is attention_loss (the MAD chain)."""
+    """attention_map(norm="none") + attention_map_distance gives attention_loss (the MAD chain)."""
     s = features((2, 4, 8, 6), torch.float32, "contiguous", device, seed=8)
     t = features((2, 5, 4, 3), torch.float32, "contiguous", device, seed=9)
     for norm in NORMS:
         direct = kdops.attention_loss(s, t, 2.0, "sum", norm, backend=backend)
         raw_s = kdops.attention_map(s, 2.0, "sum", "none", backend=backend)
         raw_t = kdops.attention_map(t, 2.0, "sum", "none", backend=backend)
-        assert torch.equal(attention_map_distance(raw_s, raw_t, norm), direct)
+        # Two float32 evaluations of one formula (the C++ backends fuse the loss into one op).
+        assert relative_error(attention_map_distance(raw_s, raw_t, norm), direct) <= 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,6 +378,39 @@ def test_opcheck(device, backend, layout):
         torch.library.opcheck(op, args)
 
 
+EXTENSION_BACKENDS = [p for p in BACKENDS if p.id in ("cpu-cpu", "cuda-cuda")]
+
+
+@pytest.mark.parametrize("device,backend", EXTENSION_BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck_fused_attention_loss(device, backend, layout):
+    """kdops::attention_loss: the whole loss as one op (the C++ CPU and CUDA kernels)."""
+    s = features((2, 3, 5, 7), torch.float32, layout, device, seed=28)
+    t = features((2, 4, 3, 4), torch.float32, layout, device, seed=29)
+    s_grad, t_grad = s.detach().requires_grad_(True), t.detach().requires_grad_(True)
+    namespace = torch.ops.kdops
+    cases = []
+    for norm, size in [("softmax", None), ("l2", [4, 6]), ("none", [5, 7])]:
+        cases.append((namespace.attention_loss.default, (s_grad, t_grad, 2.0, False, norm, size)))
+        _, s_map, t_map = namespace.attention_loss(s, t, 0.5, True, norm, size)
+        for flags in [(True, True), (True, False), (False, True)]:
+            cases.append((namespace.attention_loss_backward.default,
+                          (torch.tensor(1.5, device=device), s, t, s_map, t_map, 0.5, True, norm, *flags)))
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device,backend", EXTENSION_BACKENDS)
+def test_fused_attention_loss_rejects_bad_input(device, backend):
+    s = torch.randn(2, 3, 4, 5, device=device)
+    with pytest.raises((ValueError, RuntimeError), match="norm must be"):
+        torch.ops.kdops.attention_loss(s, s, 2.0, False, "max", None)
+    with pytest.raises((ValueError, RuntimeError), match="size must be"):
+        torch.ops.kdops.attention_loss(s, s, 2.0, False, "l2", [0, 3])
+    with pytest.raises((ValueError, RuntimeError), match="batch size"):
+        torch.ops.kdops.attention_loss(s, s[:1], 2.0, False, "l2", None)
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("op", ["attention_loss", "class_attention_loss"])
 def test_compile_fullgraph(device, backend, op):
@@ -420,6 +454,8 @@ def test_gradcheck_float64(device, backend):
         lambda a, c: kdops.attention_loss(a, c, 1.5, "sum", "softmax", backend=backend), (x, t))
     assert torch.autograd.gradcheck(
         lambda a, c: kdops.attention_loss(a, c, 2.0, "mean", "l2", (3, 4), backend=backend), (x, t))
+    assert torch.autograd.gradcheck(
+        lambda a, c: kdops.attention_loss(a, c, 3.0, "sum", "none", (5, 7), backend=backend), (x, t))
     assert torch.autograd.gradcheck(lambda a, ww, bb: ops(backend).class_attention_scores(a, ww, bb), (x, w, b))
     assert torch.autograd.gradcheck(
         lambda a, ww, bb: kdops.class_attention_map(a, ww, bb, "l2", backend=backend), (x, w, b))
