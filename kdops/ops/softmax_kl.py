@@ -63,8 +63,12 @@ def pixel_kl(
 # ---------------------------------------------------------------------------------------------
 # The C++ extension (backends "cpu" and "cuda"): the kdops:: ops of csrc/kdops.cpp, made
 # differentiable here. Forward ops save only their inputs and O(rows) statistics: channel_kl its
-# row_stats (N·C, 3), pixel_kl the 0-dim count of valid pixels (its backward recomputes each
-# pixel's softmaxes from the inputs).
+# row_stats (N·C, 5) = per row [max_s, log z_s, max_t, log z_t, KL] (maxima in raw logit units,
+# kept apart from the log-sums so that the backward's log-softmax stays shift-safe), pixel_kl
+# the 0-dim count of valid pixels (its backward recomputes each pixel's softmaxes from the inputs).
+
+# Columns of channel_kl's row_stats (csrc/common/softmax_kl.h, kKLRowStats).
+ROW_STATS = 5
 
 
 def _channel_kl_extension(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
@@ -99,7 +103,7 @@ def _fake_grads(student, teacher, student_requires_grad, teacher_requires_grad):
 def _channel_kl_fake(student, teacher, tau):
     rows = student.shape[0] * student.shape[1]
     dtype = _stats_dtype(student)
-    return student.new_empty((), dtype=dtype), student.new_empty((rows, 3), dtype=dtype)
+    return student.new_empty((), dtype=dtype), student.new_empty((rows, ROW_STATS), dtype=dtype)
 
 
 def _channel_kl_backward_fake(
