@@ -1,6 +1,9 @@
 """Small helpers shared by the loss modules."""
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -55,9 +58,8 @@ class ICKDEmbed(nn.Sequential):
         self.add_module("l2norm", nn.BatchNorm2d(out_channels))
 
 
+@functools.cache
 def _pairwise_op_takes_detach_norm() -> bool:
-    import inspect
-
     return "detach_norm" in inspect.signature(kdops.pairwise_affinity_loss).parameters
 
 
