@@ -7,7 +7,7 @@ import inspect
 import pytest
 import torch
 
-from tests.utils import relative_error
+from tests.utils import cpu_and_cuda, relative_error
 
 # (dtype, tolerance): the drop-in run in dtype against the formula in float64, as relative
 # errors of the value and of each gradient (‖g − g_ref‖ / ‖g_ref‖).
@@ -18,6 +18,9 @@ PRECISIONS = [
 
 # The fused backends against the reference, both in float32: the DESIGN tolerance.
 BACKEND_TOL = 1e-5
+
+# The fused-backend comparisons run on CPU tensors, and on CUDA tensors where there is a GPU.
+DEVICES = cpu_and_cuda()
 
 
 def randn(*shape, seed: int) -> torch.Tensor:
@@ -32,9 +35,9 @@ def labels(n, h, w, num_classes, *, seed: int, ignore=255, ignored_pixels=3) -> 
     return y
 
 
-def _leaves(inputs, dtype):
-    return [x.detach().to(dtype).requires_grad_(True) if isinstance(x, torch.Tensor) and x.is_floating_point()
-            else x for x in inputs]
+def _leaves(inputs, dtype, device="cpu"):
+    return [(x.detach().to(device, dtype).requires_grad_(True) if x.is_floating_point() else x.to(device))
+            if isinstance(x, torch.Tensor) else x for x in inputs]
 
 
 def _grads(value, leaves):
@@ -43,9 +46,9 @@ def _grads(value, leaves):
     return [torch.zeros_like(x) if g is None else g for x, g in zip(wanted, grads)]
 
 
-def run(fn, inputs, dtype):
-    """fn(*inputs in dtype) → (value, gradients of the floating inputs)."""
-    leaves = _leaves(inputs, dtype)
+def run(fn, inputs, dtype, device="cpu"):
+    """fn(*inputs in dtype on device) → (value, gradients of the floating inputs)."""
+    leaves = _leaves(inputs, dtype, device)
     value = fn(*leaves)
     return value, _grads(value, leaves)
 
@@ -65,11 +68,14 @@ def assert_matches(dropin, formula, inputs, dtype, tol):
             assert relative_error(g, e) <= tol, f"gradient {i}: relative error {relative_error(g, e)}"
 
 
-def assert_backends_agree(make, inputs):
-    """make(backend) built once per backend: auto (the fused kernels where they exist) equals
-    the reference backend, value and gradients, in float32."""
-    value_ref, grads_ref = run(make("reference"), inputs, torch.float32)
-    value, grads = run(make(None), inputs, torch.float32)
+def assert_backends_agree(make, inputs, device, modules=()):
+    """make(backend) → the drop-in on that backend: auto (the fused kernels where they exist)
+    equals the reference backend, value and gradients, in float32 on ``device`` (``modules``,
+    the drop-in's parameters, are moved there first)."""
+    for module in modules:
+        module.to(device)
+    value_ref, grads_ref = run(make("reference"), inputs, torch.float32, device)
+    value, grads = run(make(None), inputs, torch.float32, device)
     assert relative_error(value, value_ref) <= BACKEND_TOL
     for g, e in zip(grads, grads_ref):
         assert relative_error(g, e) <= BACKEND_TOL

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdops.compat import apd
-from tests.compat.helpers import (PRECISIONS, assert_backends_agree, assert_matches, labels, parameter_names,
+from tests.compat.helpers import (DEVICES, PRECISIONS, assert_backends_agree, assert_matches, labels, parameter_names,
                                   randn)
 
 NUM_CLASSES = 5
@@ -149,17 +149,18 @@ def test_signatures_are_apds():
                                                               "StuTransConv", "TeaTransConv"]
 
 
-def test_fused_backends_equal_reference():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_backends_equal_reference(device):
     args = make_args()
     stu, tea = projection(4, 6, seed=1), projection(4, 6, seed=2)
-    target = labels(2, 9, 11, 4, seed=3)
 
     def kmeans(backend):
-        return lambda p, s: sum(apd.CriterionKmeansInterWhole(p, s, target, args, (9, 11), stu, tea,
-                                                              backend=backend))
+        return lambda p, s, target: sum(apd.CriterionKmeansInterWhole(p, s, target, args, (9, 11), stu, tea,
+                                                                      backend=backend))
 
     def kd(backend):
         return lambda p, s: apd.CriterionKD(p, s, (9, 11), args=args, backend=backend)
 
-    assert_backends_agree(kmeans, [randn(2, 4, 5, 6, seed=4), randn(2, 4, 5, 6, seed=5)])
-    assert_backends_agree(kd, [randn(2, 5, 5, 6, seed=4), randn(2, 5, 5, 6, seed=5)])
+    assert_backends_agree(kmeans, [randn(2, 4, 5, 6, seed=4), randn(2, 4, 5, 6, seed=5), labels(2, 9, 11, 4, seed=3)],
+                          device, [stu, tea])
+    assert_backends_agree(kd, [randn(2, 5, 5, 6, seed=4), randn(2, 5, 5, 6, seed=5)], device)

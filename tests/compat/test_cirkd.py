@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kdops.compat import cirkd
-from tests.compat.helpers import (PRECISIONS, assert_backends_agree, assert_matches, defaults, labels,
+from tests.compat.helpers import (DEVICES, PRECISIONS, assert_backends_agree, assert_matches, defaults, labels,
                                   parameter_names, randn)
 
 
@@ -222,8 +222,10 @@ def _with_backend(module):
                  lambda: [randn(2, 4, 4, 6, seed=1), randn(2, 3, 4, 6, seed=2), labels(2, 4, 6, 3, seed=3)],
                  id="ifv"),
 ])
-def test_fused_backends_equal_reference(make, inputs):
-    assert_backends_agree(_with_backend(make()), inputs())
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_backends_equal_reference(make, inputs, device):
+    module = make()
+    assert_backends_agree(_with_backend(module), inputs(), device, [module])
 
 
 def test_bad_arguments_name_the_argument():

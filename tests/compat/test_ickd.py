@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kdops.compat import ickd
-from tests.compat.helpers import PRECISIONS, assert_backends_agree, assert_matches, parameter_names, randn
+from tests.compat.helpers import DEVICES, PRECISIONS, assert_backends_agree, assert_matches, parameter_names, randn
 
 
 def embed_formula(x, weight, gamma, beta, eps=1e-5):
@@ -83,7 +83,8 @@ def test_constructed_from_opt_as_train_student_does():
     assert ickd.Embed().conv2d.in_channels == 256 and ickd.Embed().conv2d.out_channels == 128
 
 
-def test_fused_backends_equal_reference():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_backends_equal_reference(device):
     module = make_loss(4, 4)
     module.eval()  # running statistics fixed: both runs see the same embed
 
@@ -91,4 +92,4 @@ def test_fused_backends_equal_reference():
         module.backend = backend
         return lambda s, t: module([s], [t])[0]
 
-    assert_backends_agree(make, [randn(2, 4, 4, 6, seed=1), randn(2, 4, 3, 3, seed=2)])
+    assert_backends_agree(make, [randn(2, 4, 4, 6, seed=1), randn(2, 4, 3, 3, seed=2)], device, [module])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kdops.compat import ifvd
-from tests.compat.helpers import (PRECISIONS, assert_backends_agree, assert_matches, labels, parameter_names,
+from tests.compat.helpers import (DEVICES, PRECISIONS, assert_backends_agree, assert_matches, labels, parameter_names,
                                   randn)
 from tests.compat.test_cirkd import ifv_formula
 
@@ -33,12 +33,13 @@ def test_signature_is_ifvds():
     assert torch.equal(ifvd.CriterionIFV(classes=2)(preds_S=s, preds_T=t, target=y), ifvd.CriterionIFV(2)(s, t, y))
 
 
-def test_fused_backends_equal_reference():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_backends_equal_reference(device):
     module = ifvd.CriterionIFV(3)
-    y = labels(2, 4, 6, 3, seed=3)
 
     def make(backend):
         module.backend = backend
-        return lambda s, t: module([None, None, s], [None, None, t], y)
+        return lambda s, t, y: module([None, None, s], [None, None, t], y)
 
-    assert_backends_agree(make, [randn(2, 4, 4, 6, seed=1), randn(2, 3, 4, 6, seed=2)])
+    inputs = [randn(2, 4, 4, 6, seed=1), randn(2, 3, 4, 6, seed=2), labels(2, 4, 6, 3, seed=3)]
+    assert_backends_agree(make, inputs, device)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kdops.compat import mmrazor
-from tests.compat.helpers import (PRECISIONS, assert_backends_agree, assert_matches, defaults, parameter_names,
+from tests.compat.helpers import (DEVICES, PRECISIONS, assert_backends_agree, assert_matches, defaults, parameter_names,
                                   randn)
 
 
@@ -146,8 +146,9 @@ def _with_backend(module):
     pytest.param(mmrazor.KLDivergence(2.0, "mean", teacher_detach=False), (6, 5), id="kl-mean-NC"),
     pytest.param(mmrazor.ATLoss(), (2, 4, 5, 6), id="at"),
 ])
-def test_fused_backends_equal_reference(module, shape):
-    assert_backends_agree(_with_backend(module), [randn(*shape, seed=1), randn(*shape, seed=2)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_backends_equal_reference(module, shape, device):
+    assert_backends_agree(_with_backend(module), [randn(*shape, seed=1), randn(*shape, seed=2)], device)
 
 
 def test_bad_reduction_names_the_argument():

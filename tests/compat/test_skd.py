@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from kdops.compat import skd
 from kdops.losses._common import detached_norm_affinity_loss
-from tests.compat.helpers import (PRECISIONS, assert_backends_agree, assert_matches, defaults, parameter_names,
+from tests.compat.helpers import (DEVICES, PRECISIONS, assert_backends_agree, assert_matches, defaults, parameter_names,
                                   randn)
 
 
@@ -106,7 +106,8 @@ def test_bad_arguments_name_the_argument():
         skd.CriterionPairWiseforWholeFeatAfterPool(0.5, 3)([randn(1, 2, 4, 4, seed=1)], [randn(1, 2, 4, 4, seed=2)])
 
 
-def test_fused_backends_equal_reference():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_backends_equal_reference(device):
     pixel = skd.CriterionPixelWise()
     pair = skd.CriterionPairWiseforWholeFeatAfterPool(0.5, 0)
 
@@ -116,5 +117,5 @@ def test_fused_backends_equal_reference():
             return lambda s, t: module([s], [t])
         return make
 
-    assert_backends_agree(with_backend(pixel), [randn(2, 5, 4, 6, seed=1), randn(2, 5, 4, 6, seed=2)])
-    assert_backends_agree(with_backend(pair), [randn(2, 4, 4, 6, seed=1), randn(2, 3, 4, 6, seed=2)])
+    assert_backends_agree(with_backend(pixel), [randn(2, 5, 4, 6, seed=1), randn(2, 5, 4, 6, seed=2)], device)
+    assert_backends_agree(with_backend(pair), [randn(2, 4, 4, 6, seed=1), randn(2, 3, 4, 6, seed=2)], device)

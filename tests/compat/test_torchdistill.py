@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kdops.compat import torchdistill
-from tests.compat.helpers import (PRECISIONS, assert_backends_agree, assert_matches, defaults, labels,
+from tests.compat.helpers import (DEVICES, PRECISIONS, assert_backends_agree, assert_matches, defaults, labels,
                                   parameter_names, randn)
 
 
@@ -214,7 +214,8 @@ def test_register_without_torchdistill_says_so(monkeypatch):
 
 
 # -- fused backends -------------------------------------------------------------------------------
-def test_fused_backends_equal_reference():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_backends_equal_reference(device):
     kd = torchdistill.KDLoss(".", "output", ".", "output", 4.0, 0.5)
     chsim = torchdistill.ChSimLoss(CHSIM_PAIRS)
     at = torchdistill.ATLoss(AT_PAIRS, mode="paper")
@@ -232,6 +233,6 @@ def test_fused_backends_equal_reference():
         return lambda s, t: at({"layer3": {"output": s}, "layer4": {"output": s[:, :, :2, :2]}},
                                {"layer3": {"output": t}, "layer4": {"output": t[:, :, :2, :2]}})
 
-    assert_backends_agree(kd_with, [randn(2, 5, 4, 6, seed=1), randn(2, 5, 4, 6, seed=2)])
-    assert_backends_agree(chsim_with, [randn(2, 4, 4, 6, seed=1), randn(2, 4, 3, 3, seed=2)])
-    assert_backends_agree(at_with, [randn(2, 4, 4, 6, seed=1), randn(2, 3, 4, 6, seed=2)])
+    assert_backends_agree(kd_with, [randn(2, 5, 4, 6, seed=1), randn(2, 5, 4, 6, seed=2)], device)
+    assert_backends_agree(chsim_with, [randn(2, 4, 4, 6, seed=1), randn(2, 4, 3, 3, seed=2)], device)
+    assert_backends_agree(at_with, [randn(2, 4, 4, 6, seed=1), randn(2, 3, 4, 6, seed=2)], device)
