@@ -26,7 +26,7 @@ module                          names
 
 Where an upstream loss fails on some input (CIRKD ``CriterionCWD(divergence='mse')`` never
 sets its temperature; mismatched shapes), the drop-in either works as documented in its
-docstring or raises a clear error; nowhere does it give another number than the upstream.
+docstring or raises a clear error; where both run, both compute the same formula.
 """
 from kdops.compat import apd, cirkd, ickd, ifvd, mmrazor, skd, torchdistill
 
