@@ -119,3 +119,26 @@ def test_fused_backends_equal_reference(device):
 
     assert_backends_agree(with_backend(pixel), [randn(2, 5, 4, 6, seed=1), randn(2, 5, 4, 6, seed=2)], device)
     assert_backends_agree(with_backend(pair), [randn(2, 4, 4, 6, seed=1), randn(2, 3, 4, 6, seed=2)], device)
+
+
+def test_detached_norm_goes_to_the_op_once_it_takes_detach_norm(monkeypatch):
+    # The correlation family adds pairwise_affinity_loss(..., detach_norm=...); from then on the
+    # drop-in calls the op (fused backends) instead of computing the loss itself.
+    import kdops
+    from kdops.losses import _common
+
+    calls = []
+
+    def op_with_detach_norm(student, teacher, detach_norm=False, *, backend=None):
+        calls.append((detach_norm, backend))
+        return detached_norm_affinity_loss(student, teacher)
+
+    monkeypatch.setattr(kdops, "pairwise_affinity_loss", op_with_detach_norm)
+    _common._pairwise_op_takes_detach_norm.cache_clear()
+    try:
+        module = skd.CriterionPairWiseforWholeFeatAfterPool(0.5, 0, backend="reference")
+        module([randn(1, 2, 4, 4, seed=1)], [randn(1, 3, 4, 4, seed=2)])
+    finally:
+        monkeypatch.undo()
+        _common._pairwise_op_takes_detach_norm.cache_clear()
+    assert calls == [(True, "reference")]
