@@ -61,6 +61,18 @@ TORCH_LIBRARY(kdops, m) {
       "bool student_requires_grad, bool teacher_requires_grad) "
       "-> (Tensor grad_student, Tensor grad_teacher)");
   m.def("class_attention_scores(Tensor x, Tensor weight, Tensor? bias) -> Tensor maps");
+  // class_attention_loss (CPU): the whole CAMD loss in one op; the maps are the two sides'
+  // ReLU(W·x + b), (N, K, *spatial), for the backward. output_mask: which of (grad_student,
+  // grad_teacher, grad_student_weight, grad_teacher_weight, grad_student_bias,
+  // grad_teacher_bias) to compute (weights' and biases' gradients in the maps' dtype).
+  m.def(
+      "class_attention_loss(Tensor student, Tensor teacher, Tensor student_weight, "
+      "Tensor teacher_weight, Tensor? student_bias, Tensor? teacher_bias, str norm) "
+      "-> (Tensor loss, Tensor student_maps, Tensor teacher_maps)");
+  m.def(
+      "class_attention_loss_backward(Tensor grad_loss, Tensor student, Tensor teacher, "
+      "Tensor student_weight, Tensor teacher_weight, Tensor student_maps, Tensor teacher_maps, "
+      "str norm, int[] output_mask) -> Tensor[]");
   m.def(
       "class_attention_scores_backward(Tensor grad_maps, Tensor maps, Tensor x, Tensor weight, "
       "bool x_requires_grad, bool weight_requires_grad, bool bias_requires_grad) "

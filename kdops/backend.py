@@ -124,7 +124,7 @@ OPS: dict[str, OpSpec] = {
         OpSpec(
             "class_attention_loss",
             _ref("attention", "class_attention_loss"),
-            cpu="kdops.ops.attention:_class_attention_loss_extension",
+            cpu="kdops.ops.attention:_class_attention_loss_cpu",
             cuda="kdops.ops.attention:_class_attention_loss_extension",
             triton="kdops.triton.attention:class_attention_loss",
             kernel_op="class_attention_scores",

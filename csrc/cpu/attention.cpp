@@ -711,6 +711,50 @@ Tensor class_attention_scores_cpu(const Tensor& x, const Tensor& weight,
   return scores.view(class_map_shape(x, K));
 }
 
+// (grad_x, grad_weight, grad_bias) from g' = ∂loss/∂z (N, K, L) in the accumulation dtype:
+// grad_x = Wᵀ g' (written straight into the tensor empty_like(x) gives, contiguous or
+// channels_last), grad_W = Σ_n g'_n x_nᵀ (images in order), grad_b = Σ g'.
+std::tuple<Tensor, Tensor, Tensor> class_scores_grads(const Tensor& g, const Tensor& x,
+                                                      const Tensor& weight, bool x_requires_grad,
+                                                      bool weight_requires_grad,
+                                                      bool bias_requires_grad) {
+  const auto acc = acc_dtype(x);
+  const int64_t N = x.size(0), K = weight.size(0), C = x.size(1), L = g.size(2);
+  // An empty tensor of its own for each gradient not requested (outputs must not alias).
+  Tensor grad_x = at::empty({0}, x.options()), grad_w = at::empty({0}, x.options()),
+         grad_b = at::empty({0}, x.options());
+  const Tensor x3 = features3(x);
+  const Tensor w = weight.to(acc).contiguous();  // (K, C)
+  if (x_requires_grad) {
+    grad_x = at::empty_like(x);
+    const auto strides = row_strides(grad_x);
+    const bool rows = strides && strides->l == 1 && strides->c == L;
+    const bool channels = strides && strides->c == 1 && strides->l == C;
+    if (x.scalar_type() == acc && rows && strides->n == C * L) {
+      Tensor out = grad_x.view({N, C, L});
+      at::bmm_out(out, w.t().unsqueeze(0).expand({N, C, K}), g);
+    } else if (x.scalar_type() == acc && channels && strides->n == C * L) {
+      // (N, L, C) contiguous: g'ᵀ W per image.
+      Tensor out = at::from_blob(grad_x.data_ptr(), {N, L, C}, grad_x.options());
+      at::bmm_out(out, g.transpose(1, 2), w.unsqueeze(0).expand({N, K, C}));
+    } else {
+      const Tensor wt = w.t().contiguous();  // (C, K)
+      for (int64_t n = 0; n < N; ++n) {
+        grad_x[n].copy_(at::mm(wt, g[n]).view(x[n].sizes()));
+      }
+    }
+  }
+  if (weight_requires_grad) {
+    Tensor total = at::zeros({K, C}, x.options().dtype(acc));
+    for (int64_t n = 0; n < N; ++n) {
+      total.addmm_(g[n], x.scalar_type() == acc ? x3[n].t() : x3[n].to(acc).t());
+    }
+    grad_w = total;
+  }
+  if (bias_requires_grad) grad_b = g.sum({0, 2});
+  return {grad_x, grad_w, grad_b};
+}
+
 std::tuple<Tensor, Tensor, Tensor> class_attention_scores_backward_cpu(
     const Tensor& grad_maps, const Tensor& maps, const Tensor& x, const Tensor& weight,
     bool x_requires_grad, bool weight_requires_grad, bool bias_requires_grad) {
@@ -726,33 +770,145 @@ std::tuple<Tensor, Tensor, Tensor> class_attention_scores_backward_cpu(
                    "maps and grad_maps must be ", acc);
   // The gradient through the ReLU: zero where the map is 0 (ReLU'(0) = 0, as autograd).
   const Tensor g = grad_maps.reshape({N, K, -1}).mul(maps.reshape({N, K, -1}).gt(0));
-  // An empty tensor of its own for each gradient not requested (outputs must not alias).
-  Tensor grad_x = at::empty({0}, x.options()), grad_w = at::empty({0}, x.options()),
-         grad_b = at::empty({0}, x.options());
-  const Tensor x3 = features3(x);
-  const Tensor w = weight.to(acc);
-  if (x_requires_grad) {
-    grad_x = at::empty_like(x);
-    const Tensor wt = w.t().contiguous();  // (C, K)
-    if (x.scalar_type() == acc) {
-      const Tensor product = at::bmm(wt.unsqueeze(0).expand({N, C, K}), g);
-      grad_x.copy_(product.view(x.sizes()));
-    } else {
-      for (int64_t n = 0; n < N; ++n) {
-        grad_x[n].copy_(at::mm(wt, g[n]).view(x[n].sizes()));
-      }
+  return class_scores_grads(g, x, weight, x_requires_grad, weight_requires_grad,
+                            bias_requires_grad);
+}
+
+// ---------------------------------------------------------------------------------------------
+// class_attention_loss: both score GEMMs, the per-(n, k) normalisation and the squared
+// difference in one op (map-sized steps in the double loops of attention_loss), so that autograd
+// sees one node; its backward forms g' and runs the gradient GEMMs.
+
+void check_class_loss_pair(const Tensor& student, const Tensor& teacher) {
+  check_features("student", student);
+  check_features("teacher", teacher);
+  TORCH_CHECK_VALUE(teacher.size(0) == student.size(0) &&
+                        teacher.sizes().slice(2) == student.sizes().slice(2),
+                    "teacher must have the batch and spatial size of student (", student.sizes(),
+                    "), got ", teacher.sizes());
+  TORCH_CHECK_TYPE(teacher.scalar_type() == student.scalar_type(),
+                   "teacher must have the dtype of student (", student.scalar_type(), "), got ",
+                   teacher.scalar_type());
+}
+
+template <typename T>
+void class_loss_maps_forward(const Tensor& r_s, const Tensor& r_t, MapNorm norm, Tensor& loss) {
+  const int64_t maps = r_s.size(0) * r_s.size(1), L = r_s.numel() / maps;
+  std::vector<MapAcc> s(L), t(L), a_s(L), a_t(L);
+  MapAcc total = 0;
+  for (int64_t m = 0; m < maps; ++m) {
+    const T* s_in = r_s.const_data_ptr<T>() + m * L;
+    const T* t_in = r_t.const_data_ptr<T>() + m * L;
+    for (int64_t i = 0; i < L; ++i) {
+      s[i] = static_cast<MapAcc>(s_in[i]);
+      t[i] = static_cast<MapAcc>(t_in[i]);
+    }
+    normalize_positions(s.data(), a_s.data(), L, norm);
+    normalize_positions(t.data(), a_t.data(), L, norm);
+    for (int64_t i = 0; i < L; ++i) total += (a_s[i] - a_t[i]) * (a_s[i] - a_t[i]);
+  }
+  *loss.data_ptr<T>() = static_cast<T>(total / static_cast<MapAcc>(maps * L));
+}
+
+// g' = ∂loss/∂z (through the normalisation and the ReLU) of each requested side.
+template <typename T>
+void class_loss_maps_backward(const Tensor& r_s, const Tensor& r_t, MapNorm norm, double grad_loss,
+                              Tensor* g_s, Tensor* g_t) {
+  const int64_t maps = r_s.size(0) * r_s.size(1), L = r_s.numel() / maps;
+  std::vector<MapAcc> s(L), t(L), a_s(L), a_t(L), d_s(L), d_t(L);
+  const MapAcc coef = 2.0 * grad_loss / static_cast<MapAcc>(maps * L);
+  for (int64_t m = 0; m < maps; ++m) {
+    const T* s_in = r_s.const_data_ptr<T>() + m * L;
+    const T* t_in = r_t.const_data_ptr<T>() + m * L;
+    for (int64_t i = 0; i < L; ++i) {
+      s[i] = static_cast<MapAcc>(s_in[i]);
+      t[i] = static_cast<MapAcc>(t_in[i]);
+    }
+    normalize_positions(s.data(), a_s.data(), L, norm);
+    normalize_positions(t.data(), a_t.data(), L, norm);
+    for (int64_t i = 0; i < L; ++i) {
+      d_s[i] = coef * (a_s[i] - a_t[i]);
+      d_t[i] = -d_s[i];
+    }
+    if (g_s != nullptr) {
+      normalize_positions_backward(s.data(), a_s.data(), d_s.data(), L, norm);
+      T* out = g_s->data_ptr<T>() + m * L;
+      for (int64_t i = 0; i < L; ++i) out[i] = s[i] > 0 ? static_cast<T>(d_s[i]) : T(0);
+    }
+    if (g_t != nullptr) {
+      normalize_positions_backward(t.data(), a_t.data(), d_t.data(), L, norm);
+      T* out = g_t->data_ptr<T>() + m * L;
+      for (int64_t i = 0; i < L; ++i) out[i] = t[i] > 0 ? static_cast<T>(d_t[i]) : T(0);
     }
   }
-  if (weight_requires_grad) {
-    // Σ_n G_n · X_nᵀ, summed over images in a fixed order.
-    Tensor total = at::zeros({K, C}, x.options().dtype(acc));
-    for (int64_t n = 0; n < N; ++n) {
-      total.addmm_(g[n], x.scalar_type() == acc ? x3[n].t() : x3[n].to(acc).t());
-    }
-    grad_w = total;
+}
+
+std::tuple<Tensor, Tensor, Tensor> class_attention_loss_cpu(
+    const Tensor& student, const Tensor& teacher, const Tensor& student_weight,
+    const Tensor& teacher_weight, const std::optional<Tensor>& student_bias,
+    const std::optional<Tensor>& teacher_bias, c10::string_view norm) {
+  check_class_loss_pair(student, teacher);
+  const MapNorm map_norm_kind = map_norm(std::string_view(norm.data(), norm.size()));
+  TORCH_CHECK_VALUE(teacher_weight.dim() == 2 && teacher_weight.size(0) == student_weight.size(0),
+                    "teacher_weight must have the K rows of student_weight, got ",
+                    teacher_weight.sizes());
+  const Tensor r_s = class_attention_scores_cpu(student, student_weight, student_bias);
+  const Tensor r_t = class_attention_scores_cpu(teacher, teacher_weight, teacher_bias);
+  Tensor loss = at::empty({}, r_s.options());
+  AT_DISPATCH_FLOATING_TYPES(r_s.scalar_type(), "class_attention_loss_cpu", [&] {
+    class_loss_maps_forward<scalar_t>(r_s, r_t, map_norm_kind, loss);
+  });
+  return {loss, r_s, r_t};
+}
+
+std::vector<Tensor> class_attention_loss_backward_cpu(
+    const Tensor& grad_loss, const Tensor& student, const Tensor& teacher,
+    const Tensor& student_weight, const Tensor& teacher_weight, const Tensor& student_maps,
+    const Tensor& teacher_maps, c10::string_view norm, at::IntArrayRef output_mask) {
+  check_class_loss_pair(student, teacher);
+  const MapNorm map_norm_kind = map_norm(std::string_view(norm.data(), norm.size()));
+  TORCH_CHECK_VALUE(output_mask.size() == 6, "output_mask must hold 6 flags, got ",
+                    output_mask.size());
+  const int64_t K = student_weight.size(0);
+  const auto shape = class_map_shape(student, K);
+  TORCH_CHECK_VALUE(student_maps.sizes() == at::IntArrayRef(shape) &&
+                        teacher_maps.sizes() == student_maps.sizes(),
+                    "student_maps and teacher_maps must be the forward's ", at::IntArrayRef(shape),
+                    " maps, got ", student_maps.sizes(), " and ", teacher_maps.sizes());
+  TORCH_CHECK_TYPE(student_maps.scalar_type() == acc_dtype(student) &&
+                       teacher_maps.scalar_type() == student_maps.scalar_type(),
+                   "student_maps and teacher_maps must be ", acc_dtype(student));
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one element, got shape ",
+                    grad_loss.sizes());
+  const bool want_s = output_mask[0] || output_mask[2] || output_mask[4];
+  const bool want_t = output_mask[1] || output_mask[3] || output_mask[5];
+  const Tensor r_s = student_maps.contiguous(), r_t = teacher_maps.contiguous();
+  const int64_t N = student.size(0);
+  std::optional<Tensor> g_s, g_t;
+  if (want_s) g_s = at::empty({N, K, r_s.numel() / (N * K)}, r_s.options());
+  if (want_t) g_t = at::empty({N, K, r_s.numel() / (N * K)}, r_s.options());
+  const double grad = grad_loss.item<double>();
+  AT_DISPATCH_FLOATING_TYPES(r_s.scalar_type(), "class_attention_loss_backward_cpu", [&] {
+    class_loss_maps_backward<scalar_t>(r_s, r_t, map_norm_kind, grad, g_s ? &*g_s : nullptr,
+                                       g_t ? &*g_t : nullptr);
+  });
+  std::vector<Tensor> out(6);
+  for (auto& v : out) v = at::empty({0}, student.options());
+  if (want_s) {
+    auto [gx, gw, gb] = class_scores_grads(*g_s, student, student_weight, output_mask[0] != 0,
+                                           output_mask[2] != 0, output_mask[4] != 0);
+    if (output_mask[0]) out[0] = gx;
+    if (output_mask[2]) out[2] = gw;
+    if (output_mask[4]) out[4] = gb;
   }
-  if (bias_requires_grad) grad_b = g.sum({0, 2});
-  return {grad_x, grad_w, grad_b};
+  if (want_t) {
+    auto [gx, gw, gb] = class_scores_grads(*g_t, teacher, teacher_weight, output_mask[1] != 0,
+                                           output_mask[3] != 0, output_mask[5] != 0);
+    if (output_mask[1]) out[1] = gx;
+    if (output_mask[3]) out[3] = gw;
+    if (output_mask[5]) out[5] = gb;
+  }
+  return out;
 }
 
 }  // namespace
@@ -766,4 +922,6 @@ TORCH_LIBRARY_IMPL(kdops, CPU, m) {
   m.impl("attention_loss_backward", &kdops::cpu::attention_loss_backward_cpu);
   m.impl("class_attention_scores", &kdops::cpu::class_attention_scores_cpu);
   m.impl("class_attention_scores_backward", &kdops::cpu::class_attention_scores_backward_cpu);
+  m.impl("class_attention_loss", &kdops::cpu::class_attention_loss_cpu);
+  m.impl("class_attention_loss_backward", &kdops::cpu::class_attention_loss_backward_cpu);
 }

@@ -17,6 +17,8 @@ Triton) do exactly the feature-sized steps, as two custom ops with a backward op
   map-sized steps in one op with one backward op — one autograd node instead of a dozen, which
   on CPU costs as much as the reductions themselves. It saves the inputs and the two resized
   raw maps. (The Triton backend composes the loss from ``attention_reduce`` in PyTorch.)
+  ``class_attention_loss`` (C++ CPU) does the same for CAMD: both GEMMs, the normalisation and the
+  loss in one op; CUDA and Triton compose it from ``class_attention_scores``.
 * ``class_attention_scores(x, weight, bias)`` → ReLU(W·x + b), (N, K, H, W) float32: a GEMM
   (float32-accurate for float32 inputs, tensor cores for 16-bit) with bias and ReLU fused;
   backward: grad_x = Wᵀ·g', grad_W = Σ_n g'·xᵀ, grad_b = Σ g' with g' = g·[maps > 0].
@@ -419,6 +421,66 @@ def _attention_loss_extension(student, teacher, p, reduce, norm, size):
                                           None if size is None else list(size))[0]
 
 
+def _class_attention_loss_fake(student, teacher, student_weight, teacher_weight, student_bias,
+                               teacher_bias, norm):
+    dtype = _acc_dtype(student)
+    shape = (student.shape[0], student_weight.shape[0], *student.shape[2:])
+    return (student.new_empty((), dtype=dtype), student.new_empty(shape, dtype=dtype),
+            student.new_empty(shape, dtype=dtype))
+
+
+def _class_attention_loss_backward_fake(grad_loss, student, teacher, student_weight, teacher_weight,
+                                        student_maps, teacher_maps, norm, output_mask):
+    dtype = student_maps.dtype
+    k = student_weight.shape[0]
+    wanted = [
+        torch.empty_like(student), torch.empty_like(teacher),
+        student.new_empty(tuple(student_weight.shape), dtype=dtype),
+        student.new_empty(tuple(teacher_weight.shape), dtype=dtype),
+        student.new_empty((k,), dtype=dtype), student.new_empty((k,), dtype=dtype),
+    ]
+    return [w if flag else student.new_empty((0,)) for w, flag in zip(wanted, output_mask)]
+
+
+def _class_attention_loss_setup_context(ctx, inputs, output):
+    student, teacher, student_weight, teacher_weight, student_bias, teacher_bias, norm = inputs
+    _, student_maps, teacher_maps = output
+    ctx.mark_non_differentiable(student_maps, teacher_maps)
+    ctx.save_for_backward(student, teacher, student_weight, teacher_weight, student_maps, teacher_maps)
+    ctx.norm = norm
+    ctx.dtypes = [None, None, student_weight.dtype, teacher_weight.dtype,
+                  None if student_bias is None else student_bias.dtype,
+                  None if teacher_bias is None else teacher_bias.dtype]
+
+
+def register_class_attention_loss_op(namespace: str) -> None:
+    """Fake kernel and autograd of ``<namespace>::class_attention_loss``: the whole CAMD loss as one
+    op (the C++ CPU kernels), which saves the inputs and the two sides' (N, K, H, W) ReLU maps."""
+    ops = getattr(torch.ops, namespace)
+
+    def class_attention_loss_backward(ctx, grad_loss, _grad_student_maps, _grad_teacher_maps):
+        saved = ctx.saved_tensors
+        mask = [bool(flag) for flag in ctx.needs_input_grad[:6]]
+        grads = ops.class_attention_loss_backward(grad_loss, *saved, ctx.norm, [int(f) for f in mask])
+        out = [g.to(dtype) if dtype is not None else g for g, dtype in zip(grads, ctx.dtypes)]
+        return tuple(g if flag else None for g, flag in zip(out, mask)) + (None,)
+
+    torch.library.register_fake(f"{namespace}::class_attention_loss", _class_attention_loss_fake)
+    torch.library.register_fake(f"{namespace}::class_attention_loss_backward",
+                                _class_attention_loss_backward_fake)
+    torch.library.register_autograd(
+        f"{namespace}::class_attention_loss", class_attention_loss_backward,
+        setup_context=_class_attention_loss_setup_context,
+    )
+
+
+def _class_attention_loss_cpu(student, teacher, student_weight, teacher_weight, student_bias,
+                              teacher_bias, norm):
+    """The C++ CPU kernels' class_attention_loss: one op (one autograd node) for the whole loss."""
+    return torch.ops.kdops.class_attention_loss(student, teacher, student_weight, teacher_weight,
+                                                student_bias, teacher_bias, norm)[0]
+
+
 _EXTENSION_FUNCTIONS = fused_backend_functions("kdops")
 _attention_map_extension = _EXTENSION_FUNCTIONS["attention_map"]
 _class_attention_map_extension = _EXTENSION_FUNCTIONS["class_attention_map"]
@@ -427,3 +489,5 @@ _class_attention_loss_extension = _EXTENSION_FUNCTIONS["class_attention_loss"]
 if _extension.loaded() and torch._C._dispatch_has_kernel("kdops::attention_reduce"):
     register_attention_ops("kdops")
     register_attention_loss_op("kdops")
+    if torch._C._dispatch_has_kernel("kdops::class_attention_loss"):
+        register_class_attention_loss_op("kdops")

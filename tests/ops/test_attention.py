@@ -400,6 +400,27 @@ def test_opcheck_fused_attention_loss(device, backend, layout):
         torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("device,backend", CPU_ONLY)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck_fused_class_attention_loss(device, backend, layout):
+    """kdops::class_attention_loss: the whole CAMD loss as one op (the C++ CPU kernels)."""
+    s = features((2, 3, 5, 7), torch.float32, layout, device, seed=30)
+    t = features((2, 4, 5, 7), torch.float32, layout, device, seed=31)
+    w_s, w_t, b_s, b_t = class_weights(3, 3, 4, True)
+    leaves = [v.detach().requires_grad_(True) for v in (s, t, w_s, w_t, b_s, b_t)]
+    namespace = torch.ops.kdops
+    cases = []
+    for norm in NORMS:
+        cases.append((namespace.class_attention_loss.default, (*leaves, norm)))
+        cases.append((namespace.class_attention_loss.default, (leaves[0], t, leaves[2], w_t, None, None, norm)))
+        _, maps_s, maps_t = namespace.class_attention_loss(s, t, w_s, w_t, b_s, b_t, norm)
+        for mask in ([1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0], [0, 1, 0, 1, 0, 1], [0, 0, 1, 0, 1, 0]):
+            cases.append((namespace.class_attention_loss_backward.default,
+                          (torch.tensor(0.7), s, t, w_s, w_t, maps_s, maps_t, norm, mask)))
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
 @pytest.mark.parametrize("device,backend", EXTENSION_BACKENDS)
 def test_fused_attention_loss_rejects_bad_input(device, backend):
     s = torch.randn(2, 3, 4, 5, device=device)
@@ -459,6 +480,12 @@ def test_gradcheck_float64(device, backend):
     assert torch.autograd.gradcheck(lambda a, ww, bb: ops(backend).class_attention_scores(a, ww, bb), (x, w, b))
     assert torch.autograd.gradcheck(
         lambda a, ww, bb: kdops.class_attention_map(a, ww, bb, "l2", backend=backend), (x, w, b))
+    t_same = torch.randn(2, 4, 4, 5, dtype=torch.float64, requires_grad=True)
+    w_t = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    for norm in ("l2", "softmax", "none"):
+        assert torch.autograd.gradcheck(
+            lambda a, c, ww, wt, bb: kdops.class_attention_loss(a, c, ww, wt, bb, None, norm, backend=backend),
+            (x, t_same, w, w_t, b))
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
