@@ -1,7 +1,13 @@
 """Test configuration: Triton's interpreter on GPU-less machines, and the CUDA skip."""
 import os
+import tempfile
 
-import torch
+# Inductor caches compiled graphs on disk keyed by the graph, not by the custom ops' fake
+# kernels: after a kernel's output shape changes (channel_kl's row statistics did), a cache left
+# by an earlier build replays the old shapes. Each test session compiles into a fresh cache.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="kdops-inductor-"))
+
+import torch  # noqa: E402
 
 # Triton reads this when it is first imported: set it before any test module imports it, so
 # the Triton kernels are tested on CPU tensors where there is no GPU.
