@@ -224,7 +224,8 @@ struct BlockAccumulator {
       started = true;
     } else {
       const V slack(static_cast<typename V::value_type>(kKLSlack));
-      const V overshoots = ((ms - acc[0].ms) * inv_tau > slack) | ((mt - acc[0].mt) * inv_tau > slack);
+      const V overshoots =
+          ((ms - acc[0].ms) * inv_tau > slack) | ((mt - acc[0].mt) * inv_tau > slack);
       if (overshoots.zero_mask() != (1 << V::size()) - 1) {
         ms = M::max(ms, acc[0].ms);
         mt = M::max(mt, acc[0].mt);
@@ -623,7 +624,8 @@ KLState<typename Reader::V> tile_state(const Reader& xs, const Reader& xt, int64
   KLState<V> state = kl_state_at(xs(0), xt(0));
   for (int64_t c = 0; c < channels; ++c) {
     const V x_s = xs(c), x_t = xt(c);
-    const V overshoots = ((x_s - state.ms) * inv_tau > slack) | ((x_t - state.mt) * inv_tau > slack);
+    const V overshoots =
+        ((x_s - state.ms) * inv_tau > slack) | ((x_t - state.mt) * inv_tau > slack);
     if (overshoots.zero_mask() != (1 << V::size()) - 1) {
       const V ms = M::max(state.ms, x_s), mt = M::max(state.mt, x_t);
       if (es != nullptr) {

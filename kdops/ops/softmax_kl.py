@@ -63,8 +63,9 @@ def pixel_kl(
 # ---------------------------------------------------------------------------------------------
 # The C++ extension (backends "cpu" and "cuda"): the kdops:: ops of csrc/kdops.cpp, made
 # differentiable here. Forward ops save only their inputs and O(rows) statistics: channel_kl its
-# row_stats (N·C, 5) = per row [max_s, log z_s, max_t, log z_t, KL] (maxima in raw logit units,
-# kept apart from the log-sums so that the backward's log-softmax stays shift-safe), pixel_kl
+# row_stats (N·C, 5) = per row [max_s, log z_s, max_t, log z_t, KL] (maxima: logits of the row
+# within 8τ of its maximum, raw units, kept apart from the log-sums z = Σ exp((x − max)/τ) so
+# that the backward's log-softmax stays shift-safe), pixel_kl
 # the 0-dim count of valid pixels (its backward recomputes each pixel's softmaxes from the inputs).
 
 # Columns of channel_kl's row_stats (csrc/common/softmax_kl.h, kKLRowStats).

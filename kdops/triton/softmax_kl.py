@@ -199,8 +199,8 @@ def _pixel_chunk_stats(s, t, channel_mask, c):
     m_t = tl.maximum(tl.max(tl.where(channel_mask[None, :], t, float("-inf")), 1), _LOWEST)
     d_s = (s - m_s[:, None]) * c
     d_t = (t - m_t[:, None]) * c
-    e_s = tl.where(channel_mask[None, :], tl.exp2(d_s), 0.0)
-    e_t = tl.where(channel_mask[None, :], tl.exp2(d_t), 0.0)
+    e_s = tl.exp2(tl.where(channel_mask[None, :], d_s, float("-inf")))
+    e_t = tl.exp2(tl.where(channel_mask[None, :], d_t, float("-inf")))
     return m_s, tl.sum(e_s, 1), m_t, tl.sum(e_t, 1), tl.sum(_cross_term(e_t, d_t, d_s), 1)
 
 

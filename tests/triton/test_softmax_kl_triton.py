@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 from kdops import backend as kd_backend  # noqa: E402
 from kdops.reference import softmax_kl as reference  # noqa: E402
 from kdops.triton import softmax_kl as triton_kl  # noqa: E402
-from tests.ops.test_softmax_kl import assert_row_stats  # noqa: E402
+from tests.ops.test_softmax_kl import assert_row_stats, oracle  # noqa: E402
 from tests.utils import TOLERANCES, cpu_and_cuda, make_layout, relative_error  # noqa: E402
 
 OPS = torch.ops.kdops_triton
@@ -219,6 +219,51 @@ def test_pixel_kl_all_ignored_is_zero(device):
     assert loss.item() == 0.0
     for x in (student, teacher):
         assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+# ------------------------------------------------ extreme inputs across blocks, splits, chunks ---
+
+
+@pytest.mark.parametrize(
+    "op, shape, launch, run",
+    [
+        pytest.param("channel_kl", (2, 3, 15, 20), {"channel_block_l": 32, "channel_splits": 3},
+                     128, id="channel-3-splits"),
+        pytest.param("channel_kl", (2, 5, 5, 7), {"channel_block_r": 2, "channel_block_l": 16,
+                                                  "channel_splits": 2}, 16, id="channel-row-tiles"),
+        pytest.param("pixel_kl", (2, 10, 5, 7), {"pixel_block_p": 16, "pixel_block_c": 4}, 4,
+                     id="pixel-3-chunks"),
+    ],
+)
+def test_extreme_inputs_across_splits(device, monkeypatch, op, shape, launch, run):
+    """Large logits (+1e4), a teacher −inf over a whole split / chunk / lane block and at
+    single entries, against the float64 oracle: the statistics of lanes, splits and chunks
+    that hold only −inf teacher logits (student mass, no teacher mass) merge exactly, and a
+    maximum raised from the lowest value adds nothing spurious. run: the −inf logits that
+    fill a row's first split (channel_kl) or first chunk of channels (pixel_kl)."""
+    set_launch(monkeypatch, **launch)
+    generator = torch.Generator().manual_seed(21)
+    s = torch.randn(shape, generator=generator) + 1e4
+    t = torch.randn(shape, generator=generator) + 1e4
+    if op == "channel_kl":
+        t[0, 1].view(-1)[:run] = float("-inf")
+        t[1, 2].view(-1)[5::7] = float("-inf")
+    else:
+        t[0, :run] = float("-inf")
+        t[1, 5, 2, 3] = float("-inf")
+    student = s.to(device).requires_grad_()
+    teacher = t.to(device).requires_grad_()
+    if op == "channel_kl":
+        loss = triton_kl.channel_kl(student, teacher, 0.7)
+    else:
+        loss = triton_kl.pixel_kl(student, teacher, 0.7, None, 255)
+    loss.backward()
+    expected, grad_s, grad_t = oracle(op, s, t, 0.7)
+    assert relative_error(loss, expected) <= 1e-5
+    for x, expected_grad in ((student, grad_s), (teacher, grad_t)):
+        assert torch.isfinite(x.grad).all()
+        assert relative_error(x.grad.reshape(expected_grad.shape), expected_grad) <= 1e-5
+    assert not teacher.grad[torch.isinf(t).to(device)].any()
 
 
 # ------------------------------------------------------------- gradients, hooks, determinism ---
