@@ -5,9 +5,26 @@ import sys
 from kdops.train.cli import distill_main, train_main
 
 COMMANDS = {"train": train_main, "distill": distill_main}
+USAGE = """usage: python -m kdops.train {train,distill} [options]
+
+commands:
+  train     train one segmentation model with cross-entropy (= kdops-train)
+  distill   distill a student with a recipe, e.g. distill --recipe cwd (= kdops-distill)
+
+python -m kdops.train COMMAND --help shows a command's options."""
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        got = f"unknown command {argv[0]!r}" if argv else "no command"
+        print(f"python -m kdops.train: error: {got}; choose train or distill (see python -m kdops.train --help)",
+              file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        print("usage: python -m kdops.train {train,distill} [options]", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))
+    sys.exit(main(sys.argv[1:]))
