@@ -141,3 +141,28 @@ def test_own_training_loop_example_runs_and_trains_the_adapter(capsys, monkeypat
     loss = namespace["train_step"](namespace["images"], namespace["labels"])
     assert torch.isfinite(torch.tensor(loss))
     assert not torch.equal(adapter.detach(), before), "the adapter's parameters are not in the optimizer"
+
+
+def test_main_job_output_is_consistent_with_the_defaults():
+    """The README shows a real run of the main job on its defaults: its gain line is the
+    difference of its rows, it names the default models and step counts, and it finished
+    in under 4 minutes (the run itself prints its wall time; it is a benchmark, not a test)."""
+    from kdops.train import cli
+
+    block = _block(_read("README.md"), "main-job")
+    rows = {}
+    for line in block.splitlines():
+        match = re.match(r"(\S+(?: \+ \w+)?)\s+(teacher|student|distilled)\s+(\d+\.\d)\s", line)
+        if match:
+            rows[match.group(2)] = (match.group(1), float(match.group(3)))
+    teacher, student = "/".join(cli.DEFAULT_TEACHER), "/".join(cli.DEFAULT_STUDENT)
+    assert rows["teacher"][0] == teacher and rows["student"][0] == student
+    assert rows["distilled"][0] == f"{student} + cwd"
+    gain = float(re.search(r"distillation: ([+-]\d+\.\d) mIoU", block).group(1))
+    assert gain == pytest.approx(rows["distilled"][1] - rows["student"][1], abs=1e-9)
+    assert gain >= 2.0
+    assert f"{cli.DEFAULT_TEACHER_STEPS} steps" in block and f"{cli.DEFAULT_STEPS} steps" in block
+    size = cli.DEFAULT_SYNTHETIC_SIZE
+    assert f"{cli.DEFAULT_SYNTHETIC_SAMPLES[0]} train / {cli.DEFAULT_SYNTHETIC_SAMPLES[1]} val, {size}x{size}" in block
+    wall = int(re.search(r"wall time: (\d+) s", block).group(1))
+    assert wall < 240

@@ -20,6 +20,7 @@ stderr and exit code 2; Ctrl-C with a checkpoint and one line saying how to ``--
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import re
@@ -45,8 +46,10 @@ from kdops.train.names import (
 DEFAULT_TEACHER = ("pspnet", "resnet18")
 DEFAULT_STUDENT = ("deeplabv3", "resnet18")
 DEFAULT_LANE_STUDENT = ("erfnet", None)
-DEFAULT_STEPS = 100
-DEFAULT_TEACHER_STEPS = 200
+DEFAULT_TRAIN_STEPS = 100  # kdops-train
+DEFAULT_STEPS = 80  # kdops-distill's students (plain and distilled)
+DEFAULT_LANE_STEPS = 100  # ERFNet students on lane data (cheap steps)
+DEFAULT_TEACHER_STEPS = 150
 DEFAULT_LABEL_TEACHER_STEPS = 100
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_LR = 0.01
@@ -97,9 +100,9 @@ def _add_data_args(parser: argparse.ArgumentParser, default_dataset: str) -> Non
                             "else 1)")
 
 
-def _add_train_args(parser: argparse.ArgumentParser, lr_help: str) -> None:
+def _add_train_args(parser: argparse.ArgumentParser, lr_help: str, steps_help: str) -> None:
     group = parser.add_argument_group("training")
-    group.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default: {DEFAULT_STEPS})")
+    group.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {steps_help})")
     group.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                        help=f"batch size per process (default: {DEFAULT_BATCH_SIZE})")
     group.add_argument("--lr", type=float, default=None,
@@ -149,7 +152,7 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone-weights", default=None,
                         help="torchvision-format backbone weights file (default: none)")
     _add_data_args(parser, "synthetic; synthetic_lanes for erfnet")
-    _add_train_args(parser, f"{DEFAULT_LR}; {MODEL_LR['erfnet']} for erfnet")
+    _add_train_args(parser, f"{DEFAULT_LR}; {MODEL_LR['erfnet']} for erfnet", f"{DEFAULT_TRAIN_STEPS}")
     return parser
 
 
@@ -183,7 +186,8 @@ def _distill_parser() -> argparse.ArgumentParser:
                          help="skip the student trained without distillation (default: train it, cached)")
     _add_data_args(parser, f"synthetic; synthetic_lanes for {', '.join(LANE_RECIPES)}")
     _add_train_args(parser, f"{DEFAULT_LR} for pspnet/deeplabv3 and {MODEL_LR['erfnet']} for erfnet, each model at "
-                            f"its own; {DEFAULT_LANE_LR} for all of {', '.join(LANE_RECIPES)} on lane data")
+                            f"its own; {DEFAULT_LANE_LR} for all of {', '.join(LANE_RECIPES)} on lane data",
+                    f"{DEFAULT_STEPS} for the students; {DEFAULT_LANE_STEPS} on lane data")
     return parser
 
 
@@ -393,28 +397,33 @@ def _file_classes(state) -> int | None:
     return None
 
 
+def _shapes(state) -> dict:
+    return {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+
 def _fits(state, model) -> bool:
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    given = {k: v.shape for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    return expected == given
+    return _shapes(state) == _shapes(model.state_dict())
 
 
-def _models_that_fit(state, num_classes: int) -> list[tuple[str, str | None]]:
-    """The (model, backbone) pairs whose state dict has the file's keys and shapes. Built
-    on the meta device: no memory, no initialisation cost."""
+@functools.lru_cache(maxsize=None)
+def _model_shapes(name: str, backbone: str | None, num_classes: int) -> tuple:
+    """The state-dict shapes of a kdops model, built on the meta device (no memory, no
+    initialisation cost)."""
     import torch
 
     from kdops.models import build_model
 
-    fits = []
-    for name in MODEL_NAMES:
-        for backbone in (None,) if name in MODELS_WITHOUT_BACKBONE else BACKBONE_NAMES:
-            kwargs = {"backbone": backbone} if backbone else {}
-            with torch.device("meta"):
-                model = build_model(name, num_classes, **kwargs)
-            if _fits(state, model):
-                fits.append((name, backbone))
-    return fits
+    with torch.device("meta"):
+        model = build_model(name, num_classes, **({"backbone": backbone} if backbone else {}))
+    return tuple(sorted(_shapes(model.state_dict()).items()))
+
+
+def _models_that_fit(state, num_classes: int) -> list[tuple[str, str | None]]:
+    """The (model, backbone) pairs whose state dict has the file's keys and shapes."""
+    given = tuple(sorted(_shapes(state).items()))
+    return [(name, backbone) for name in MODEL_NAMES
+            for backbone in ((None,) if name in MODELS_WITHOUT_BACKBONE else BACKBONE_NAMES)
+            if _model_shapes(name, backbone, num_classes) == given]
 
 
 def _check_weights(spec, options: tuple[str, str, str], num_classes: int, model) -> None:
@@ -643,12 +652,15 @@ def _prepare_train(args) -> dict:
     num_classes, ignore_index = data[0].num_classes, data[0].ignore_index
     _build_checked(spec, ("--model", "--backbone", "--weights"), num_classes, ignore_index)
     class_weights = _class_weights(args, data_spec, num_classes)
-    config = _train_config(args, args.steps, spec.label, _model_lr(args, spec.name))
+    steps = DEFAULT_TRAIN_STEPS if args.steps is None else args.steps
+    config = _train_config(args, steps, spec.label, _model_lr(args, spec.name))
     ctx = _context(args)
     name = args.name or f"{spec.label.replace('/', '-')}-{data_spec.name}-s{args.seed}"
     run_dir = os.path.join(args.work_dir, name)
     key = config_hash("model", asdict(spec), asdict(data_spec), config.identity(), ctx.world_size, class_weights)
     action = _run_action(run_dir, key, args)
+    if args.resume and action == "new":
+        raise UsageError(f"--resume: nothing to continue: no checkpoint in {run_dir}; run without --resume to start")
     return {"args": args, "spec": spec, "data_spec": data_spec, "data": data, "class_weights": class_weights,
             "config": config, "ctx": ctx, "run_dir": run_dir, "key": key, "action": action}
 
@@ -744,7 +756,8 @@ def _prepare_distill(args) -> dict:
         teacher_steps = DEFAULT_LABEL_TEACHER_STEPS if recipe.teacher == "labels" else DEFAULT_TEACHER_STEPS
     teacher_config = _train_config(args, teacher_steps, f"teacher {teacher_spec.label}" if teacher_spec else "teacher",
                                    lr(teacher_spec.name if teacher_spec else student.name))
-    student_config = _train_config(args, args.steps, f"student {student.label}", lr(student.name))
+    steps = args.steps if args.steps is not None else DEFAULT_LANE_STEPS if lanes else DEFAULT_STEPS
+    student_config = _train_config(args, steps, f"student {student.label}", lr(student.name))
     distill_config = replace(student_config, desc=f"student {student.label} + {recipe.name}")
     ctx = _context(args)
     _check_backend(recipe, student_model, teacher_model, data, ctx, args.backend)

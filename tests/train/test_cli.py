@@ -212,6 +212,15 @@ def test_recipe_and_backend_errors_before_training(capsys, tmp_path, argv, messa
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_triton_backend_on_a_machine_without_gpu(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as for a user (the test session interprets Triton on CPU)
+    line = _error(capsys, distill_main, ["--recipe", "cwd", "--backend", "triton", "--work-dir", str(tmp_path),
+                                         *TINY])
+    assert line.startswith("kdops-distill: error: --backend triton: backend='triton' cannot run kdops.channel_kl")
+    assert "Triton kernels run on CUDA tensors" in line or "triton is not installed" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_device_without_cuda(capsys, tmp_path):
     line = _error(capsys, distill_main, ["--recipe", "cwd", "--device", "cuda", "--work-dir", str(tmp_path), *TINY])
     assert "--device cuda: CUDA is not available on this machine" in line
@@ -273,6 +282,15 @@ def test_progress_lines_when_not_a_terminal(tmp_path, capsys):
     assert "wall time:" in captured.out
 
 
+def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert train_main(["--model", "erfnet", "--dataset", "synthetic", "--steps", "2", "--log-every", "1",
+                       "--work-dir", str(tmp_path), *[a for a in TINY if a != "--no-progress"]]) == 0
+    err = capsys.readouterr().err
+    assert "\r" in err and "2/2" in err  # tqdm redraws its line
+    assert ": step " not in err
+
+
 # -- Ctrl-C, --resume, run folders ----------------------------------------------------------------
 def _interrupt_at(monkeypatch, step: int):
     """Send SIGINT to this process during training step ``step`` (1-based), as Ctrl-C would."""
@@ -312,6 +330,8 @@ def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(tmp_path, capsys, mon
 
 def test_resume_with_nothing_to_resume(capsys, tmp_path):
     line = _error(capsys, distill_main, ["--recipe", "cwd", "--resume", "--work-dir", str(tmp_path), *TINY])
+    assert "--resume: nothing to continue: no checkpoint in" in line
+    line = _error(capsys, train_main, ["--model", "erfnet", "--resume", "--work-dir", str(tmp_path), *TINY])
     assert "--resume: nothing to continue: no checkpoint in" in line
     assert os.listdir(tmp_path) == []
 
