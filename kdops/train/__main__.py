@@ -1,5 +1,6 @@
 """``python -m kdops.train train ...`` / ``python -m kdops.train distill ...``: the CLI without
 the console scripts (e.g. ``torchrun --nproc_per_node 2 -m kdops.train distill --recipe cwd``)."""
+import os
 import sys
 
 from kdops.train.cli import distill_main, train_main
@@ -23,7 +24,10 @@ def main(argv: list[str]) -> int:
         print(f"python -m kdops.train: error: {got}; choose train or distill (see python -m kdops.train --help)",
               file=sys.stderr)
         return 2
-    return COMMANDS[argv[0]](argv[1:])
+    launcher = "python"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: the resume hint must say so
+        launcher = f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])}"
+    return COMMANDS[argv[0]](argv[1:], invocation=f"{launcher} -m kdops.train {argv[0]}")
 
 
 if __name__ == "__main__":
