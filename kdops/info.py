@@ -129,8 +129,8 @@ def readme_fused() -> str:
         return f"No op has a fused kernel yet: all {len(OPS)} run the reference."
     parts = [f"`{op}` ({', '.join(b for b in README_COLUMNS[1:] if _implemented(op, b))})" for op in fused]
     rest = len(OPS) - len(fused)
-    tail = (f"; the other {rest} run the reference (plain PyTorch) on every backend=\"auto\" call until their "
-            f"kernels land" if rest else "")
+    tail = f"; the other {rest} run their reference implementation (plain PyTorch) until their kernels land" \
+        if rest else ""
     return f"Fused kernels today: {len(fused)} of the {len(OPS)} ops, {', '.join(parts)}{tail}."
 
 

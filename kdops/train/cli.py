@@ -103,7 +103,7 @@ def _add_data_args(parser: argparse.ArgumentParser, default_dataset: str) -> Non
                             "else 1)")
 
 
-def _add_train_args(parser: argparse.ArgumentParser, lr_help: str, steps_help: str) -> None:
+def _add_train_args(parser: argparse.ArgumentParser, lr_help: str, steps_help: str, name_help: str) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default: {steps_help})")
     group.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
@@ -131,8 +131,7 @@ def _add_train_args(parser: argparse.ArgumentParser, lr_help: str, steps_help: s
                        help="kdops backend of the loss ops (default: $KDOPS_BACKEND, else auto)")
     group.add_argument("--work-dir", default=DEFAULT_WORK_DIR,
                        help=f"where runs and cached models go (default: {DEFAULT_WORK_DIR})")
-    group.add_argument("--name", default=None, help="run folder name under --work-dir (default: made from the "
-                       "models, data set and a hash of the settings)")
+    group.add_argument("--name", default=None, help=f"run folder name under --work-dir (default: {name_help})")
     again = group.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the interrupted run of these settings from its checkpoint (default: off)")
@@ -155,7 +154,8 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone-weights", default=None,
                         help="torchvision-format backbone weights file (default: none)")
     _add_data_args(parser, "synthetic; synthetic_lanes for erfnet")
-    _add_train_args(parser, f"{DEFAULT_LR}; {MODEL_LR['erfnet']} for erfnet", f"{DEFAULT_TRAIN_STEPS}")
+    _add_train_args(parser, f"{DEFAULT_LR}; {MODEL_LR['erfnet']} for erfnet", f"{DEFAULT_TRAIN_STEPS}",
+                    "MODEL-BACKBONE-DATASET-sSEED")
     return parser
 
 
@@ -190,7 +190,8 @@ def _distill_parser() -> argparse.ArgumentParser:
     _add_data_args(parser, f"synthetic; synthetic_lanes for {', '.join(LANE_RECIPES)}")
     _add_train_args(parser, f"{DEFAULT_LR} for pspnet/deeplabv3 and {MODEL_LR['erfnet']} for erfnet, each model at "
                             f"its own; {DEFAULT_LANE_LR} for all of {', '.join(LANE_RECIPES)} on lane data",
-                    f"{DEFAULT_STEPS} for the students; {DEFAULT_LANE_STEPS} on lane data")
+                    f"{DEFAULT_STEPS} for the students; {DEFAULT_LANE_STEPS} on lane data",
+                    "RECIPE-STUDENT-DATASET- and a hash of the settings")
     return parser
 
 
@@ -591,10 +592,26 @@ def _status(prog: str, message: str, ctx=None) -> None:
         print(f"{prog}: {message}", file=sys.stderr, flush=True)
 
 
-def _phase(prog: str, what: str, run_dir: str, action: str, steps: int, ctx) -> None:
+def _phase(prog: str, what: str, run_dir: str, action: str, steps: int, ctx, note: str = "") -> None:
     verb = {"new": f"training {steps} steps", "restart": f"training {steps} steps (--overwrite)",
             "resume": "resuming the unfinished run", "reuse": "reusing the finished run"}[action]
-    _status(prog, f"{what}: {verb} in {run_dir}", ctx)
+    _status(prog, f"{what}: {verb} in {run_dir}{note}", ctx)
+
+
+def _other_settings(run_dir: str) -> str:
+    """Why a distilled run is not reused: runs of the same recipe, student and data set with
+    other settings (their folder names differ only in the settings' hash)."""
+    folder, name = os.path.split(run_dir)
+    prefix = name.rsplit("-", 1)[0] + "-"
+    try:
+        others = sorted(f for f in os.listdir(folder or ".") if f.startswith(prefix) and f != name
+                        and os.path.isfile(os.path.join(folder, f, "checkpoint.pt")))
+    except FileNotFoundError:
+        return ""
+    if not others:
+        return ""
+    return f" (not reusing {os.path.join(folder, others[-1])}" + (f" and {len(others) - 1} more" if len(others) > 1
+                                                                    else "") + ": other settings)"
 
 
 def _resume_command(invocation: str, argv: list[str]) -> str:
@@ -825,7 +842,8 @@ def _run_distill(plan: dict, wall_start: float) -> int:
     meta = {"role": "distilled", "recipe": recipe.name, "weights": plan["weights"], "student": asdict(student),
             "teacher": asdict(teacher_spec) if teacher_spec else None, "data": asdict(data_spec),
             "run_key": plan["key"]}
-    _phase(prog, f"student {student.label} + {recipe.name}", run_dir, plan["action"], config.steps, ctx)
+    _phase(prog, f"student {student.label} + {recipe.name}", run_dir, plan["action"], config.steps, ctx,
+           _other_settings(run_dir) if plan["action"] == "new" and not args.name else "")
     result, trainer = distill_run(recipe, student, teacher, data_spec, data, config, run_dir, ctx=ctx,
                                   action=plan["action"], backend=args.backend, class_weights=class_weights, meta=meta)
     if not ctx.is_main:

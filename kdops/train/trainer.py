@@ -87,10 +87,11 @@ class TrainConfig:
             raise ValueError(f"clip_grad must be > 0 or None, got {self.clip_grad!r}")
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped by Ctrl-C after step ``step`` of ``steps``; the full training state is
     in ``checkpoint`` (None for a trainer without a run folder), so ``fit(resume=True)``
-    continues to the result of the uninterrupted run."""
+    continues to the result of the uninterrupted run. A ``KeyboardInterrupt``: code that
+    handles Ctrl-C handles it."""
 
     def __init__(self, step: int, steps: int, checkpoint: str | None):
         super().__init__(f"interrupted after step {step}/{steps}" + (f"; checkpoint: {checkpoint}" if checkpoint else ""))

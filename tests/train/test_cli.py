@@ -337,12 +337,15 @@ def test_resume_with_nothing_to_resume(capsys, tmp_path):
 
 
 def test_distill_end_to_end_reuse_and_overwrite(tmp_path, capsys):
-    argv = ["--recipe", "cwd+kd", "--steps", "2", "--teacher-steps", "2", "--work-dir", str(tmp_path), *TINY]
+    # ERFNet teacher and student: the cheapest models (the default ones are built by the
+    # tests above and run by the main job).
+    argv = ["--recipe", "cwd+kd", "--teacher", "erfnet", "--student", "erfnet", "--steps", "2", "--teacher-steps",
+            "2", "--work-dir", str(tmp_path), *TINY]
     assert distill_main(argv) == 0
     captured = capsys.readouterr()
     out = captured.out
     assert out.startswith("kdops-distill --recipe cwd+kd on synthetic")
-    assert "pspnet/resnet18" in out and "deeplabv3/resnet18 + cwd+kd" in out and "KD losses:" in out
+    assert "erfnet  " in out and "erfnet + cwd+kd" in out and "KD losses:" in out
     assert "(cached)" not in out and "wall time:" in out
     assert captured.err.count("training 2 steps") == 3
     metrics_files = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path) for f in fs if f == "metrics.json"]
@@ -362,6 +365,11 @@ def test_distill_end_to_end_reuse_and_overwrite(tmp_path, capsys):
     assert captured.out.count("(cached)") == 3 and "training" not in captured.err
     assert os.stat(checkpoint).st_mtime_ns == before
     assert json.load(open(run)) == summary  # the record of the run that trained, untouched
+
+    # Other settings: a new folder, and the phase line says why the finished run is not reused.
+    assert distill_main([*argv, "--weight", "kd/logits=2"]) == 0
+    err = capsys.readouterr().err
+    assert f"(not reusing {os.path.dirname(run)}: other settings)" in err
 
     # --overwrite retrains the distilled run (only), to the same result: same seed.
     assert distill_main([*argv, "--overwrite"]) == 0
