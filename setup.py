@@ -79,6 +79,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "test": _requirements("requirements-test.txt"),
+        "bench": ["matplotlib"],
     },
     entry_points={
         "console_scripts": [

@@ -192,7 +192,12 @@ def test_backend_without_a_kernel_for_a_recipe_op(capsys, tmp_path, monkeypatch)
     from kdops import backend
 
     monkeypatch.setitem(backend.OPS, "channel_kl", replace(backend.OPS["channel_kl"], cpu=None))
-    line = _error(capsys, distill_main, ["--recipe", "cwd", "--backend", "cpu", "--work-dir", str(tmp_path), *TINY])
+    backend._resolve_cached.cache_clear()  # resolution is cached: forget the answers for the real OPS ...
+    try:
+        line = _error(capsys, distill_main, ["--recipe", "cwd", "--backend", "cpu", "--work-dir", str(tmp_path),
+                                             *TINY])
+    finally:
+        backend._resolve_cached.cache_clear()  # ... and those for this one
     assert line.startswith("kdops-distill: error: --backend cpu: backend='cpu' cannot run kdops.channel_kl on cpu")
     assert line.endswith("the cpu backend does not implement channel_kl")
     assert os.listdir(tmp_path) == []
