@@ -33,7 +33,7 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 # Submodules reachable as attributes after a bare ``import kdops`` (as when it imported them).
-_SUBMODULES = ("backend", "ops", "reference", "losses", "info", "train", "models", "triton")
+_SUBMODULES = ("backend", "ops", "reference", "losses", "compat", "info", "train", "models", "triton")
 
 
 def _load_all() -> None:

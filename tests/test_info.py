@@ -2,9 +2,6 @@
 Triton is not "yes" where its kernels cannot run."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -68,9 +65,30 @@ def test_backend_cell_not_implemented(monkeypatch):
     assert info.backend_cell("channel_kl", "cuda") == "not implemented"
 
 
-def test_module_runs():
-    result = subprocess.run([sys.executable, "-m", "kdops.info"], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "KDOPS_BACKEND": "reference"})
-    assert result.returncode == 0, result.stderr
-    assert "default backend: KDOPS_BACKEND=reference" in result.stdout
-    assert set(_rows(result.stdout)) == set(backend.OPS)
+def test_main_prints_the_report(capsys, monkeypatch):
+    monkeypatch.setenv("KDOPS_BACKEND", "reference")
+    assert info.main([]) == 0
+    out = capsys.readouterr().out
+    assert "default backend: KDOPS_BACKEND=reference" in out
+    assert set(_rows(out)) == set(backend.OPS)
+
+
+def test_readme_table_option(capsys):
+    assert info.main(["--readme-table"]) == 0
+    out = capsys.readouterr().out
+    for name, body in info.readme_blocks().items():
+        assert f"<!-- {name}:begin -->\n{body}\n<!-- {name}:end -->" in out
+
+
+def test_update_readme_option(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- fused:begin -->\nold\n<!-- fused:end -->\n<!-- ops-table:begin -->\n"
+                      "<!-- ops-table:end -->\nrest\n", encoding="utf-8")
+    assert info.main(["--update-readme", str(readme)]) == 0
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith("intro\n") and text.endswith("rest\n")
+    assert info.readme_ops_table() in text and info.readme_fused() in text
+    assert info.main(["--update-readme", str(readme)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("already up to date")
+    (tmp_path / "bad.md").write_text("no blocks\n")
+    assert info.main(["--update-readme", str(tmp_path / "bad.md")]) == 2
