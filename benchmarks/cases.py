@@ -23,6 +23,13 @@ FEATURE_SHAPES = {
     "cpu": [(2, 512, 16, 32), (2, 256, 32, 64)],
 }
 NUM_CLASSES = 19
+# Attention baselines against the upstream code users run: SAD on two consecutive stages
+# (shallow, deep) and AT on one student/teacher pair.
+SAD_STAGE_SHAPES = {
+    "cuda": ((8, 256, 128, 256), (8, 512, 64, 128)),
+    "cpu": ((2, 128, 32, 64), (2, 256, 16, 32)),
+}
+AT_SHAPES = {"cuda": (8, 512, 64, 128), "cpu": (2, 512, 16, 32)}
 
 
 def _shape_name(shape) -> str:
@@ -50,6 +57,39 @@ def _pair(shape, *, labels: bool = False, weights: bool = False):
     return make
 
 
+def _two_shapes(first, second):
+    """Inputs of two shapes (e.g. consecutive stages), seeded."""
+
+    def make(device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        return [torch.randn(first, generator=g).to(device=device, dtype=dtype),
+                torch.randn(second, generator=g).to(device=device, dtype=dtype)], {}
+
+    return make
+
+
+def enet_sad_at_gen(shallow: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
+    """ENet-SAD's ``at_gen`` loss on two consecutive stages, as its training code runs it: the
+    channel sum of squares of each stage, the deeper map bilinearly upsampled to the shallower's
+    size, a softmax over the positions of each, and the MSE of the two."""
+    a = shallow.pow(2).sum(dim=1, keepdim=True)
+    b = deep.pow(2).sum(dim=1, keepdim=True)
+    b = torch.nn.functional.interpolate(b, size=a.shape[-2:], mode="bilinear", align_corners=False)
+    a = torch.softmax(a.view(a.size(0), -1), dim=1)
+    b = torch.softmax(b.view(b.size(0), -1), dim=1)
+    return torch.nn.functional.mse_loss(a, b)
+
+
+def zagoruyko_at_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Attention transfer as the paper's code computes it: at(x) = the L2-normalised channel mean
+    of x², flattened; loss = mean of (at(s) − at(t))²."""
+
+    def at(x):
+        return torch.nn.functional.normalize(x.pow(2).mean(1).view(x.size(0), -1))
+
+    return (at(student) - at(teacher)).pow(2).mean()
+
+
 def _nbytes(shape, dtype) -> int:
     numel = 1
     for v in shape:
@@ -72,6 +112,26 @@ def cases(device: str, dtypes: list[torch.dtype]) -> list[Case]:
         ))
 
     for dtype in dtypes:
+        # Upstream baselines of the attention losses ("eager"/"compile" run the upstream code).
+        shallow, deep = SAD_STAGE_SHAPES[device]
+        sad_bytes = _nbytes(shallow, dtype) + _nbytes(deep, dtype)
+        out.append(Case(
+            name=f"attention_loss[sad-at_gen {_shape_name(shallow)}+{_shape_name(deep)},"
+                 f"{str(dtype).removeprefix('torch.')}]",
+            op="attention_loss", shape=f"{_shape_name(shallow)}+{_shape_name(deep)}", dtype=dtype,
+            make_inputs=_two_shapes(shallow, deep), reference=enet_sad_at_gen,
+            public=lambda a, b, backend: kdops.attention_loss(a, b, backend=backend),
+            bytes_fwd=sad_bytes, bytes_fwd_bwd=3 * sad_bytes, grad_inputs=2,
+        ))
+        at_shape = AT_SHAPES[device]
+        at_bytes = _nbytes(at_shape, dtype)
+        out.append(Case(
+            name=f"attention_loss[at-zagoruyko {_shape_name(at_shape)},{str(dtype).removeprefix('torch.')}]",
+            op="attention_loss", shape=_shape_name(at_shape), dtype=dtype, make_inputs=_pair(at_shape),
+            reference=zagoruyko_at_loss,
+            public=lambda s, t, backend: kdops.attention_loss(s, t, 2.0, "mean", "l2", backend=backend),
+            bytes_fwd=2 * at_bytes, bytes_fwd_bwd=4 * at_bytes,
+        ))
         for shape in LOGIT_SHAPES[device]:
             add("channel_kl", shape, dtype, _pair(shape),
                 lambda s, t: ref_softmax_kl.channel_kl(s, t, 4.0),

@@ -40,4 +40,41 @@ TORCH_LIBRARY(kdops, m) {
       "pixel_kl_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? target, "
       "Tensor num_valid, int ignore_index, float tau, bool student_requires_grad, "
       "bool teacher_requires_grad) -> (Tensor grad_student, Tensor grad_teacher)");
+
+  // Attention maps (kdops/ops/attention.py). x: (N, C, *spatial). The feature-sized steps only;
+  // resize, spatial normalisation and the squared difference act on the maps in Python.
+  // attention_reduce: map (N, *spatial) = scale·Σ_c |x_c|^p (scale 1, or 1/C when mean), float32
+  // (float64 for float64 x); its backward returns grad_x (x's dtype, the layout of empty_like(x)).
+  // class_attention_scores: maps (N, K, *spatial) = ReLU(Σ_c weight[k,c]·x[n,c] + bias[k]) in
+  // float32 (float64 for float64 x); its backward returns (grad_x, grad_weight (K, C) and
+  // grad_bias (K,) in the maps' dtype), an empty tensor for each gradient not requested.
+  m.def("attention_reduce(Tensor x, float p, bool mean) -> Tensor map");
+  m.def("attention_reduce_backward(Tensor grad_map, Tensor x, float p, bool mean) -> Tensor grad_x");
+  // attention_loss: the whole loss in one op (x: (N, C, H, W)); loss (0-dim), and the two raw
+  // maps resized to `size` (default the student's (H, W)), (N, H', W') each, for the backward.
+  m.def(
+      "attention_loss(Tensor student, Tensor teacher, float p, bool mean, str norm, int[]? size) "
+      "-> (Tensor loss, Tensor student_map, Tensor teacher_map)");
+  m.def(
+      "attention_loss_backward(Tensor grad_loss, Tensor student, Tensor teacher, "
+      "Tensor student_map, Tensor teacher_map, float p, bool mean, str norm, "
+      "bool student_requires_grad, bool teacher_requires_grad) "
+      "-> (Tensor grad_student, Tensor grad_teacher)");
+  m.def("class_attention_scores(Tensor x, Tensor weight, Tensor? bias) -> Tensor maps");
+  // class_attention_loss (CPU): the whole CAMD loss in one op; the maps are the two sides'
+  // ReLU(W·x + b), (N, K, *spatial), for the backward. output_mask: which of (grad_student,
+  // grad_teacher, grad_student_weight, grad_teacher_weight, grad_student_bias,
+  // grad_teacher_bias) to compute (weights' and biases' gradients in the maps' dtype).
+  m.def(
+      "class_attention_loss(Tensor student, Tensor teacher, Tensor student_weight, "
+      "Tensor teacher_weight, Tensor? student_bias, Tensor? teacher_bias, str norm) "
+      "-> (Tensor loss, Tensor student_maps, Tensor teacher_maps)");
+  m.def(
+      "class_attention_loss_backward(Tensor grad_loss, Tensor student, Tensor teacher, "
+      "Tensor student_weight, Tensor teacher_weight, Tensor student_maps, Tensor teacher_maps, "
+      "str norm, int[] output_mask) -> Tensor[]");
+  m.def(
+      "class_attention_scores_backward(Tensor grad_maps, Tensor maps, Tensor x, Tensor weight, "
+      "bool x_requires_grad, bool weight_requires_grad, bool bias_requires_grad) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 }

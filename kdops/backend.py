@@ -63,6 +63,10 @@ class OpSpec:
     # ``cuda_order_by_dtype`` overrides it for dtypes whose ranking differs.
     cuda_order: tuple[str, ...] = ("cuda", "triton")
     cuda_order_by_dtype: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # The kdops:: op of the extension whose kernels the cpu/cuda implementation calls, when it is
+    # not the op's own name (the attention ops are composed on kdops::attention_reduce and
+    # kdops::class_attention_scores).
+    kernel_op: str | None = None
 
     def implementation_path(self, backend: str) -> str | None:
         return getattr(self, backend)
@@ -94,10 +98,37 @@ OPS: dict[str, OpSpec] = {
             cuda="kdops.ops.softmax_kl:_pixel_kl_extension",
             triton="kdops.triton.softmax_kl:pixel_kl",
         ),
-        OpSpec("attention_map", _ref("attention", "attention_map")),
-        OpSpec("attention_loss", _ref("attention", "attention_loss")),
-        OpSpec("class_attention_map", _ref("attention", "class_attention_map")),
-        OpSpec("class_attention_loss", _ref("attention", "class_attention_loss")),
+        OpSpec(
+            "attention_map",
+            _ref("attention", "attention_map"),
+            cpu="kdops.ops.attention:_attention_map_extension",
+            cuda="kdops.ops.attention:_attention_map_extension",
+            triton="kdops.triton.attention:attention_map",
+            kernel_op="attention_reduce",
+        ),
+        OpSpec(
+            "attention_loss",
+            _ref("attention", "attention_loss"),
+            cpu="kdops.ops.attention:_attention_loss_extension",
+            cuda="kdops.ops.attention:_attention_loss_extension",
+            triton="kdops.triton.attention:attention_loss",
+        ),
+        OpSpec(
+            "class_attention_map",
+            _ref("attention", "class_attention_map"),
+            cpu="kdops.ops.attention:_class_attention_map_extension",
+            cuda="kdops.ops.attention:_class_attention_map_extension",
+            triton="kdops.triton.attention:class_attention_map",
+            kernel_op="class_attention_scores",
+        ),
+        OpSpec(
+            "class_attention_loss",
+            _ref("attention", "class_attention_loss"),
+            cpu="kdops.ops.attention:_class_attention_loss_cpu",
+            cuda="kdops.ops.attention:_class_attention_loss_extension",
+            triton="kdops.triton.attention:class_attention_loss",
+            kernel_op="class_attention_scores",
+        ),
         OpSpec("prototype_pool", _ref("prototypes", "prototype_pool")),
         OpSpec("prototype_kl", _ref("prototypes", "prototype_kl")),
         OpSpec("class_variation_loss", _ref("prototypes", "class_variation_loss")),
@@ -153,8 +184,9 @@ def unavailable_reason(op: str, backend: str, device_type: str, dtype: torch.dty
         return f"kdops._C is not built ({_extension.load_error()})"
     if backend == "cuda" and not _extension.built_with_cuda():
         return "kdops._C was built without its CUDA kernels (no CUDA torch or nvcc at build time)"
-    if not _extension.has_kernel(op, backend.upper()):
-        return f"kdops._C has no {backend.upper()} kernel for kdops::{op}"
+    kernel_op = spec.kernel_op or op
+    if not _extension.has_kernel(kernel_op, backend.upper()):
+        return f"kdops._C has no {backend.upper()} kernel for kdops::{kernel_op}"
     return None
 
 
@@ -243,4 +275,4 @@ def status(op: str, backend: str) -> str:
         return "not built"
     if backend == "cuda" and not _extension.built_with_cuda():
         return "not built"
-    return "yes" if _extension.has_kernel(op, backend.upper()) else "not built"
+    return "yes" if _extension.has_kernel(spec.kernel_op or op, backend.upper()) else "not built"

@@ -9,6 +9,7 @@ import torch.nn as nn
 import kdops
 from kdops import _checks
 from kdops.losses._common import like, weight_arg
+from kdops.ops.attention import attention_map_distance
 
 SAD_PAIRS = ("consecutive", "all")
 
@@ -77,6 +78,10 @@ class SelfAttentionDistillation(nn.Module):
     deeper stage (SAD lets it flow: both maps belong to the network being trained).
 
     forward(features): a sequence of (N, C_i, H_i, W_i), shallow to deep, at least two → scalar.
+
+    Each stage's features are read once per step, whatever the number of pairs it is in: its raw
+    map Σ_c x_c² (``attention_map(norm="none")``) is computed once and every pair resizes and
+    normalises maps only (``attention_map_distance``); the backward reads each stage once more.
     """
 
     def __init__(self, p: float = 2.0, loss_weight: float = 1.0, pairs: str = "consecutive",
@@ -98,11 +103,15 @@ class SelfAttentionDistillation(nn.Module):
         features = _as_list("features", features)
         if len(features) < 2:
             raise ValueError(f"features must hold at least two stages, got {len(features)}")
+        pairs = self.stage_pairs(len(features))
+        used = sorted({stage for pair in pairs for stage in pair})
+        raw = {stage: kdops.attention_map(like(features[stage], features[0]), self.p, "sum", "none",
+                                          backend=self.backend)
+               for stage in used}
         total = 0.0
-        for i, j in self.stage_pairs(len(features)):
-            target = features[j].detach() if self.detach_target else features[j]
-            total = total + kdops.attention_loss(features[i], like(target, features[i]), self.p,
-                                                 "sum", "softmax", backend=self.backend)
+        for i, j in pairs:
+            target = raw[j].detach() if self.detach_target else raw[j]
+            total = total + attention_map_distance(raw[i], target, "softmax")
         return self.loss_weight * total
 
     def extra_repr(self) -> str:
@@ -115,6 +124,8 @@ class LabelGuidedAttention(nn.Module):
 
     ``loss_weight`` · Σ over stage pairs of mean over N·H_s·W_s of (A_s − A_t)², A = spatial
     softmax of Σ_c x_c², the teacher's map bilinearly resized to the student's stage size.
+    The label teacher is frozen: its maps are computed under ``torch.no_grad()`` (no gradient
+    reaches the teacher features, and autograd keeps nothing of them).
 
     forward(student, teacher): each a (N, C, H, W) or a sequence of them, paired in order → scalar.
     """
@@ -128,7 +139,10 @@ class LabelGuidedAttention(nn.Module):
     def forward(self, student, teacher) -> torch.Tensor:
         total = 0.0
         for s, t in _pairs("student", student, "teacher", teacher):
-            total = total + kdops.attention_loss(s, like(t, s), self.p, "sum", "softmax", backend=self.backend)
+            student_map = kdops.attention_map(s, self.p, "sum", "none", backend=self.backend)
+            with torch.no_grad():
+                teacher_map = kdops.attention_map(like(t, s), self.p, "sum", "none", backend=self.backend)
+            total = total + attention_map_distance(student_map, teacher_map, "softmax")
         return self.loss_weight * total
 
     def extra_repr(self) -> str:

@@ -21,7 +21,18 @@ def _auto_backend(monkeypatch):
     monkeypatch.delenv(kd_backend.BACKEND_ENV_VAR, raising=False)
 
 
-BACKENDS = [pytest.param("reference", id="reference"), pytest.param(None, id="default")]
+# The public API's argument handling, bit for bit against the reference it dispatches to. The
+# default backend ("auto") runs the fused kernels on CPU tensors: tests/ops/test_attention.py
+# holds those to the reference's tolerances, and test_default_backend_is_fused below checks the
+# choice.
+BACKENDS = [pytest.param("reference", id="reference")]
+
+
+@pytest.mark.parametrize("op", ["attention_map", "attention_loss", "class_attention_map",
+                                "class_attention_loss"])
+def test_default_backend_is_fused(op):
+    expected = "cpu" if kd_backend.unavailable_reason(op, "cpu", "cpu", torch.float32) is None else "reference"
+    assert kd_backend.resolve(op, None, torch.device("cpu"), torch.float32) == expected
 
 
 def assert_same_values_and_grads(api_out, ref_out, api_inputs, ref_inputs):
@@ -138,7 +149,7 @@ def test_backends_get_canonical_arguments(monkeypatch):
 
 
 def test_named_backend_that_cannot_run_raises():
-    x = randn(1, 2, 3, 3)
+    x = randn(1, 2, 3, 3, dtype=torch.float64)  # no Triton kernel takes float64
     with pytest.raises(kdops.BackendUnavailableError, match="attention_map"):
         kdops.attention_map(x, backend="triton")
     with pytest.raises(ValueError, match="backend"):

@@ -25,7 +25,7 @@ def _protos(x, labels):
 CALLS = [
     pytest.param(lambda s, t, y, ws, wt: kdops.channel_kl(s, t, 2.0), id="channel_kl"),
     pytest.param(lambda s, t, y, ws, wt: kdops.pixel_kl(s, t, 2.0, y), id="pixel_kl"),
-    pytest.param(lambda s, t, y, ws, wt: kdops.attention_map(s, size=(3, 4)).sum(), id="attention_map"),
+    pytest.param(lambda s, t, y, ws, wt: kdops.attention_map(s, size=(3, 4)).square().sum(), id="attention_map"),
     pytest.param(lambda s, t, y, ws, wt: kdops.attention_loss(s, t[..., :3, :4]), id="attention_loss"),
     pytest.param(lambda s, t, y, ws, wt: kdops.class_attention_map(s, ws).sum(), id="class_attention_map"),
     pytest.param(lambda s, t, y, ws, wt: kdops.class_attention_loss(s, t, ws, wt), id="class_attention_loss"),
