@@ -45,8 +45,8 @@ from kdops.train.names import (
 # measurement (README, "The main job on its default"): at 48x48, batch 8, one thread, a step
 # costs 0.34 s (teacher), 0.35 s (student), 0.43 s (distillation) of CPU time; the student at
 # 60 steps gained +2.9, at 80 +3.4 (+3.3 with the shift-safe CWD kernel) from a 150-step
-# teacher (30.8 mIoU). Smaller students
-# (DeepLabV3-MobileNetV2: -1.1; ERFNet at its own learning rate: +0.4) learn as much alone.
+# teacher (30.8 mIoU). Smaller students (DeepLabV3-MobileNetV2: -1.1; ERFNet at its own
+# learning rate: +0.4) learn as much alone.
 DEFAULT_TEACHER = ("pspnet", "resnet18")
 DEFAULT_STUDENT = ("deeplabv3", "resnet18")
 DEFAULT_LANE_STUDENT = ("erfnet", None)
