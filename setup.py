@@ -5,6 +5,12 @@
   is found, or when ``KDOPS_FORCE_CUDA=1``.
 * ``KDOPS_NO_EXT=1`` installs pure Python (the reference backend, and Triton where it runs).
 * ``KDOPS_PORTABLE=1`` drops ``-march=native`` from the CPU flags (for binaries that travel).
+
+Triton is not a requirement: the Triton kernels need a CUDA GPU (where CUDA builds of torch
+bring triton along) or, for the tests, Triton's interpreter. ``pip install -e .`` on a CPU
+machine therefore installs no triton; the ``test`` extra (= requirements-test.txt, what the
+README's test command installs) does, so that CI runs the Triton kernels under
+TRITON_INTERPRET=1.
 """
 import glob
 import os
@@ -12,6 +18,11 @@ import os
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _requirements(name):
+    with open(os.path.join(ROOT, name)) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
 
 
 def _flag(name):
@@ -67,7 +78,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "Pillow"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "triton>=3.0"],
+        "test": _requirements("requirements-test.txt"),
         "bench": ["matplotlib"],
     },
     entry_points={

@@ -14,14 +14,22 @@ has no recipe) for ``config.steps`` iterations. What it guarantees:
   averaged and metrics summed over processes;
 * on CUDA: autocast (bfloat16 where supported, else float16 with a gradient scaler),
   channels_last, and SyncBatchNorm in the student when there are several processes; on
-  CPU these are no-ops.
+  CPU these are no-ops;
+* Ctrl-C (SIGINT) never cuts a step in half: the step in flight finishes, a checkpoint is
+  written and :class:`TrainingInterrupted` says where (a second Ctrl-C stops at once);
+* progress: a tqdm bar when stderr is a terminal, else one line every ``log_every`` steps
+  (step, losses, images/s, ETA), as log files and ``torchrun`` want.
 """
 from __future__ import annotations
 
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -56,7 +64,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_batch_size: int = 16
     checkpoint_every: int = 100
-    log_every: int = 1
+    log_every: int = 10
     seed: int = 0
     num_workers: int = 0
     progress: bool = True
@@ -77,6 +85,49 @@ class TrainConfig:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise ValueError(f"clip_grad must be > 0 or None, got {self.clip_grad!r}")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C after step ``step`` of ``steps``; the full training state is
+    in ``checkpoint`` (None for a trainer without a run folder), so ``fit(resume=True)``
+    continues to the result of the uninterrupted run. A ``KeyboardInterrupt``: code that
+    handles Ctrl-C handles it."""
+
+    def __init__(self, step: int, steps: int, checkpoint: str | None):
+        super().__init__(f"interrupted after step {step}/{steps}" + (f"; checkpoint: {checkpoint}" if checkpoint else ""))
+        self.step, self.steps, self.checkpoint = step, steps, checkpoint
+
+
+@contextmanager
+def deferred_interrupt():
+    """While inside, the first SIGINT only sets the returned flag (``flag[0]``); a second one
+    raises ``KeyboardInterrupt`` as usual. Signal handlers can only be set from the main
+    thread: elsewhere this is a no-op and the flag stays False."""
+    flag = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag[0]:
+            raise KeyboardInterrupt
+        flag[0] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def format_duration(seconds: float) -> str:
+    """``95`` -> "1m35s", ``3725`` -> "1h02m05s", ``7.2`` -> "7s"."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def poly_factor(step: int, total: int, power: float) -> float:
@@ -350,48 +401,79 @@ class Trainer:
         _set_rng_state(rng, self.device)
 
     # -- the loop ------------------------------------------------------------------------
+    def _stop_requested(self, flag: list) -> bool:
+        """Whether any process got Ctrl-C: every process must stop after the same step, or
+        the others would wait forever in the next step's collectives."""
+        stop = bool(flag[0])
+        if self.ctx.distributed:
+            votes = torch.tensor([float(stop)], device=self.device)
+            dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+            stop = bool(votes.item())
+        return stop
+
+    def _log_line(self, record: dict, seconds_per_step: float) -> None:
+        losses = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "lr", "images_per_s"))
+        eta = format_duration(seconds_per_step * (self.config.steps - self.step))
+        print(f"{self.config.desc}: step {self.step}/{self.config.steps}  {losses}  "
+              f"{record['images_per_s']:.1f} img/s  ETA {eta}", file=sys.stderr, flush=True)
+
     def fit(self, *, resume: bool = False, stop_at: int | None = None) -> dict:
         """Train to ``config.steps`` (or stop after step ``stop_at``, as an interruption
         would), evaluating every ``eval_every`` steps and at the end; returns the last
-        evaluation (empty when stopped early or without a validation set)."""
+        evaluation (empty when stopped early or without a validation set).
+
+        Ctrl-C lets the current step finish, writes a checkpoint and raises
+        :class:`TrainingInterrupted`."""
         path = self.checkpoint_path
         if resume and path and os.path.isfile(path):
             self.load_checkpoint(path)
         config = self.config
         end = config.steps if stop_at is None else min(config.steps, stop_at)
+        show = config.progress and self.ctx.is_main and self.step < end
         bar = None
-        if config.progress and self.ctx.is_main and self.step < end:
+        if show and sys.stderr.isatty():
             from tqdm.auto import tqdm
             bar = tqdm(total=config.steps, initial=self.step, desc=config.desc, dynamic_ncols=True, leave=True)
         images_per_step = config.batch_size * self.ctx.world_size
-        while self.step < end:
-            epoch, offset = divmod(self.step, self.steps_per_epoch)
-            started = time.perf_counter()
-            for images, labels in self.loader(epoch, offset):
-                record = self.train_step(images, labels)
-                finished = time.perf_counter()
-                elapsed, started = finished - started, finished  # data loading included
-                self.train_seconds += elapsed
-                record["images_per_s"] = images_per_step / elapsed
-                self.history.append(record)
+        session_seconds, session_steps = 0.0, 0  # for the ETA: this process's pace, not the resumed run's
+        with deferred_interrupt() as interrupt:
+            try:
+                while self.step < end:
+                    epoch, offset = divmod(self.step, self.steps_per_epoch)
+                    started = time.perf_counter()
+                    for images, labels in self.loader(epoch, offset):
+                        record = self.train_step(images, labels)
+                        finished = time.perf_counter()
+                        elapsed, started = finished - started, finished  # data loading included
+                        self.train_seconds += elapsed
+                        session_seconds, session_steps = session_seconds + elapsed, session_steps + 1
+                        record["images_per_s"] = images_per_step / elapsed
+                        self.history.append(record)
+                        if bar is not None:
+                            bar.update(1)
+                            shown = {k: f"{v:.3g}" for k, v in record.items() if k not in ("step", "lr", "images_per_s")}
+                            bar.set_postfix(shown | {"img/s": f"{record['images_per_s']:.1f}"}, refresh=False)
+                        elif show and (self.step % config.log_every == 0 or self.step == end):
+                            self._log_line(record, session_seconds / session_steps)
+                        if config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
+                            self.evaluations.append(self.evaluate())
+                        periodic = config.checkpoint_every and self.step % config.checkpoint_every == 0
+                        if self.step < config.steps and (periodic or self.step == end):
+                            self.save_checkpoint()
+                        if self.step < config.steps and self._stop_requested(interrupt):
+                            self.save_checkpoint()
+                            raise TrainingInterrupted(self.step, config.steps, path)
+                        if self.step >= end:
+                            break
+                        started = time.perf_counter()  # evaluation and checkpoints are not training time
+            finally:
                 if bar is not None:
-                    bar.update(1)
-                    if self.step % config.log_every == 0 or self.step == end:
-                        shown = {k: f"{v:.3g}" for k, v in record.items() if k not in ("step", "lr", "images_per_s")}
-                        bar.set_postfix(shown | {"img/s": f"{record['images_per_s']:.1f}"}, refresh=False)
-                if config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
-                    self.evaluations.append(self.evaluate())
-                periodic = config.checkpoint_every and self.step % config.checkpoint_every == 0
-                if self.step < config.steps and (periodic or self.step == end):
-                    self.save_checkpoint()
-                if self.step >= end:
-                    break
-                started = time.perf_counter()  # evaluation and checkpoints are not training time
-        if bar is not None:
-            bar.close()
-        if self.step < config.steps:
-            return {}
-        if not self.evaluations or self.evaluations[-1].get("step") != self.step:
-            self.evaluations.append(self.evaluate())
-            self.save_checkpoint()
+                    bar.close()
+            if self.step < config.steps:
+                return {}
+            if not self.evaluations or self.evaluations[-1].get("step") != self.step:
+                self.evaluations.append(self.evaluate())
+                self.save_checkpoint()
+            if self._stop_requested(interrupt):  # Ctrl-C during the final evaluation: the run is complete
+                raise TrainingInterrupted(self.step, config.steps, path)
         return self.evaluations[-1] if self.evaluations else {}

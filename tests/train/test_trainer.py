@@ -3,6 +3,7 @@ evaluation."""
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from kdops.models import load_weights
 from kdops.train.distiller import Distiller
 from kdops.train.distributed import EpochShardSampler, ShardSampler
 from kdops.train.recipes import get_recipe
-from kdops.train.trainer import TrainConfig, Trainer, atomic_save, poly_factor
+from kdops.train.trainer import TrainConfig, Trainer, TrainingInterrupted, atomic_save, poly_factor
 
 from tests.train import helpers
 
@@ -52,6 +53,52 @@ def test_resume_after_interruption_gives_the_same_next_steps(tmp_path):
     assert metrics["miou"] == reference_metrics["miou"]
     for a, b in zip(resumed.distiller.state_dict().values(), reference.distiller.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_to_the_same_result(tmp_path, monkeypatch):
+    reference = _trainer(tmp_path / "a")
+    torch.manual_seed(123)
+    reference_metrics = reference.fit()
+
+    interrupted = _trainer(tmp_path / "b", checkpoint_every=0)  # no periodic checkpoint: Ctrl-C writes it
+    original = Trainer.train_step
+
+    def train_step(self, images, labels):
+        if self.step == 2:  # Ctrl-C arrives in the middle of step 3, before its update
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    torch.manual_seed(123)
+    with pytest.raises(TrainingInterrupted) as info:
+        interrupted.fit()
+    monkeypatch.undo()
+    assert (info.value.step, info.value.steps) == (3, STEPS)  # the step in flight was finished
+    assert info.value.checkpoint == str(tmp_path / "b" / "checkpoint.pt")
+    assert isinstance(info.value, KeyboardInterrupt)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint.pt"]
+
+    resumed = _trainer(tmp_path / "b", student_seed=7)
+    torch.manual_seed(999)
+    metrics = resumed.fit(resume=True)
+    assert _losses(resumed.history) == _losses(reference.history)
+    assert metrics["miou"] == reference_metrics["miou"]
+
+
+def test_second_ctrl_c_stops_at_once(monkeypatch):
+    trainer = _trainer(None, recipe=None)
+    original = Trainer.train_step
+
+    def train_step(self, images, labels):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return original(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    with pytest.raises(KeyboardInterrupt) as info:
+        trainer.fit()
+    assert not isinstance(info.value, TrainingInterrupted) and trainer.step == 0
 
 
 def test_checkpoint_holds_the_training_state_and_loads_as_weights(tmp_path):
