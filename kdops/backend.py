@@ -92,9 +92,21 @@ OPS: dict[str, OpSpec] = {
         OpSpec("prototype_pool", _ref("prototypes", "prototype_pool")),
         OpSpec("prototype_kl", _ref("prototypes", "prototype_kl")),
         OpSpec("class_variation_loss", _ref("prototypes", "class_variation_loss")),
-        OpSpec("channel_correlation", _ref("correlation", "channel_correlation")),
-        OpSpec("channel_correlation_loss", _ref("correlation", "channel_correlation_loss")),
-        OpSpec("pairwise_affinity_loss", _ref("correlation", "pairwise_affinity_loss")),
+        OpSpec(
+            "channel_correlation",
+            _ref("correlation", "channel_correlation"),
+            cpu="kdops.ops.correlation:_channel_correlation_extension",
+        ),
+        OpSpec(
+            "channel_correlation_loss",
+            _ref("correlation", "channel_correlation_loss"),
+            cpu="kdops.ops.correlation:_channel_correlation_loss_extension",
+        ),
+        OpSpec(
+            "pairwise_affinity_loss",
+            _ref("correlation", "pairwise_affinity_loss"),
+            cpu="kdops.ops.correlation:_pairwise_affinity_loss_extension",
+        ),
     )
 }
 

@@ -19,15 +19,21 @@ class PairwiseAffinity(nn.Module):
     With ``pool_scale=None`` (default) the features are used at full resolution. With a scale
     s, both are first max-pooled with kernel = stride = (⌊H·s⌋, ⌊W·s⌋) (ceil mode), which is
     SKD's ``CriterionPairWiseforWholeFeatAfterPool(scale=s)`` (upstream default s = 0.5; its
-    norm adds 1e-8 where kdops clamps at 1e-12). Channels may differ.
+    norm adds 1e-8 where kdops clamps at 1e-12). Channels may differ. ``detach_norm=True``
+    treats the per-pixel norm as a constant for the gradient, as SKD's code does; the default
+    (False) gives the gradient of the loss itself.
 
     forward(student (N, C_s, H, W), teacher (N, C_t, H, W)) → scalar.
     """
 
-    def __init__(self, loss_weight: float = 1.0, pool_scale: float | None = None, *, backend: str | None = None):
+    def __init__(self, loss_weight: float = 1.0, pool_scale: float | None = None, detach_norm: bool = False,
+                 *, backend: str | None = None):
         super().__init__()
         self.loss_weight = weight_arg("loss_weight", loss_weight)
         self.pool_scale = None if pool_scale is None else _checks.positive_finite("pool_scale", pool_scale)
+        if not isinstance(detach_norm, bool):
+            raise TypeError(f"detach_norm must be a bool, got {type(detach_norm).__name__}")
+        self.detach_norm = detach_norm
         self.backend = backend
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,10 +44,11 @@ class PairwiseAffinity(nn.Module):
         teacher = like(teacher, student)
         if self.pool_scale is not None:
             student, teacher = self._pool(student), self._pool(teacher)
-        return self.loss_weight * kdops.pairwise_affinity_loss(student, teacher, backend=self.backend)
+        loss = kdops.pairwise_affinity_loss(student, teacher, self.detach_norm, backend=self.backend)
+        return self.loss_weight * loss
 
     def extra_repr(self) -> str:
-        return f"loss_weight={self.loss_weight}, pool_scale={self.pool_scale}"
+        return f"loss_weight={self.loss_weight}, pool_scale={self.pool_scale}, detach_norm={self.detach_norm}"
 
 
 class ICKD(nn.Module):
