@@ -47,6 +47,19 @@ PAIRWISE_PAIRS = [
     pytest.param(((1, 20, 3, 3), (1, 7, 3, 3)), id="Cs20-Ct7-L9"),
 ]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
+# The Triton interpreter runs ~10⁴× slower than the kernels: in the dtype × shape matrices it
+# takes the shapes up to C = 5 and two layouts; its multi-tile shapes, layouts and launch
+# overrides are in tests/triton/test_correlation_triton.py.
+INTERPRETER_MAX_CHANNELS = 5
+
+
+def matrix_layouts(backend, shape):
+    """The layouts a matrix case runs; skips the CPU-path shapes for the interpreted Triton."""
+    if backend == "triton" and torch.device("cpu").type == "cpu" and kd_backend.triton_interpreting():
+        if shape[1] > INTERPRETER_MAX_CHANNELS:
+            pytest.skip("C×C / L×L switch shape of the CPU kernels; Triton: tests/triton")
+        return ["contiguous", "channels_last"]
+    return LAYOUTS
 
 
 def ops(backend):
@@ -121,7 +134,7 @@ def check(fn, reference, inputs, loss_tol, grad_tol, weights=None, grad_floor=ZE
 def test_channel_correlation_matches_reference(device, backend, dtype, loss_tol, grad_tol, shape, norm):
     c = shape[1]
     weights = torch.randn(shape[0], c, c, generator=torch.Generator().manual_seed(9))
-    for layout in LAYOUTS:
+    for layout in matrix_layouts(backend, shape):
         x = randn(shape, dtype, device, layout)
         check(lambda a: kdops.channel_correlation(a, norm, backend=backend),
               lambda a: ref.channel_correlation(a, norm), [x], loss_tol, grad_tol, weights)
@@ -132,7 +145,7 @@ def test_channel_correlation_matches_reference(device, backend, dtype, loss_tol,
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("norm", NORMS)
 def test_channel_correlation_loss_matches_reference(device, backend, dtype, loss_tol, grad_tol, shape, norm):
-    for layout in LAYOUTS:
+    for layout in matrix_layouts(backend, shape):
         s, t = randn(shape, dtype, device, layout, 1), randn(shape, dtype, device, layout, 2)
         check(lambda a, b: kdops.channel_correlation_loss(a, b, norm, backend=backend),
               lambda a, b: ref.channel_correlation_loss(a, b, norm), [s, t], loss_tol, grad_tol)
@@ -152,7 +165,7 @@ def test_channel_correlation_loss_other_spatial_size(device, backend, shapes, no
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("detach_norm", [False, True], ids=["exact", "detach-norm"])
 def test_pairwise_affinity_loss_matches_reference(device, backend, dtype, loss_tol, grad_tol, shape, detach_norm):
-    for layout in LAYOUTS:
+    for layout in matrix_layouts(backend, shape):
         s, t = randn(shape, dtype, device, layout, 5), randn(shape, dtype, device, layout, 6)
         check(lambda a, b: kdops.pairwise_affinity_loss(a, b, detach_norm, backend=backend),
               lambda a, b: ref.pairwise_affinity_loss(a, b, detach_norm), [s, t], loss_tol, grad_tol,
