@@ -32,6 +32,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <tuple>
@@ -110,9 +111,9 @@ inline Tensor as_input_grad(const Tensor& grad, const Tensor& x) {
 
 inline Tensor symmetric_part(const Tensor& m) { return (m + transposed(m)).mul_(0.5); }
 
-// Σ over all elements of a ⊙ b in float64 (a, b of one shape).
-inline double frobenius_dot(const Tensor& a, const Tensor& b) {
-  return at::sum(a.to(at::kDouble) * b.to(at::kDouble)).item<double>();
+// Σ over all elements of a ⊙ b, a 0-dim float64 tensor (a, b of one shape; no host sync).
+inline Tensor frobenius_dot(const Tensor& a, const Tensor& b) {
+  return at::sum(a.to(at::kDouble) * b.to(at::kDouble));
 }
 
 // The L2 norm of each row of g (N, C, C) → (N, C, 1), float64.
@@ -242,9 +243,20 @@ inline Tensor channel_correlation_loss_forward(const Tensor& student, const Tens
   return (d.difference.square().sum() / rows).to(acc_dtype(student));
 }
 
-inline double scalar_of(const char* name, const Tensor& x) {
+inline void check_scalar(const char* name, const Tensor& x) {
   TORCH_CHECK_VALUE(x.numel() == 1, name, " must hold one element, got shape ", x.sizes());
+}
+
+// The value of a one-element tensor on the host (CPU kernels: no device to wait for).
+inline double scalar_of(const char* name, const Tensor& x) {
+  check_scalar(name, x);
   return x.item<double>();
+}
+
+// A one-element tensor as a 0-dim float64 tensor on its device (GPU paths: read there).
+inline Tensor device_scalar(const char* name, const Tensor& x) {
+  check_scalar(name, x);
+  return x.reshape({}).to(at::kDouble);
 }
 
 inline std::tuple<Tensor, Tensor> channel_correlation_loss_backward(
@@ -252,12 +264,12 @@ inline std::tuple<Tensor, Tensor> channel_correlation_loss_backward(
     c10::string_view norm_name, bool student_requires_grad, bool teacher_requires_grad) {
   check_pair(student, teacher, /*same_channels=*/true, /*same_spatial=*/false);
   const Norm norm = parse_norm(norm_name);
-  const double g = scalar_of("grad_loss", grad_loss);
+  const Tensor g = device_scalar("grad_loss", grad_loss);
   const Tensor none = at::empty({0}, student.options());
   if (!student_requires_grad && !teacher_requires_grad) return {none, none};
   const GramDifference d = gram_difference(student, teacher, norm);
   const double rows = static_cast<double>(student.size(0) * student.size(1));
-  const Tensor grad_normalised = d.difference * (2.0 * g / rows);  // ∂loss/∂R_s = −∂loss/∂R_t
+  const Tensor grad_normalised = d.difference * (g * (2.0 / rows));  // ∂loss/∂R_s = −∂loss/∂R_t
   auto input_grad = [&](const Tensor& x, const Tensor& gram, const Tensor& norms, double sign) {
     const Tensor features_x = features(x);
     const Tensor grad_gram =
@@ -272,41 +284,45 @@ inline std::tuple<Tensor, Tensor> channel_correlation_loss_backward(
 // ---------------------------------------------------------------------------------------------
 // pairwise_affinity_loss
 
-// The per-pixel channel norms of x (N, C, L) → (N, L) in float64. They stay float64 (2·N·L
-// values, saved for backward): rounded to float32, each pixel's x̂ would be off by a relative 6e-8,
-// which is 1e-4 of a 1e-3 student–teacher difference.
-inline Tensor pixel_norms(const Tensor& x) {
-  return at::linalg_vector_norm(x, 2, {1}, /*keepdim=*/false, at::kDouble);
-}
-
-// x / max(norm, eps) per pixel, float64 (N, C, L).
-inline Tensor normalised64(const Tensor& x, const Tensor& norms) {
-  return x.to(at::kDouble) / norms.to(at::kDouble).clamp_min(kNormEps).unsqueeze(1);
-}
-
-struct PairwiseOperands {
-  Tensor sum;         // Σ̂ = X̂_s + X̂_t (N, C_max, L), accumulation dtype
-  Tensor difference;  // D̂ = X̂_s − X̂_t
-};
-
-inline PairwiseOperands pairwise_operands(const Tensor& xs, const Tensor& norms_s, const Tensor& xt,
-                                          const Tensor& norms_t) {
-  const int64_t cs = xs.size(1), ct = xt.size(1);
-  const Tensor hs = normalised64(xs, norms_s), ht = normalised64(xt, norms_t);
-  Tensor sum, difference;
-  if (cs == ct) {
-    sum = hs + ht;
-    difference = hs - ht;
-  } else {
-    // The narrower input gets zero channels: its affinities (and norms) are unchanged.
-    const int64_t c = std::max(cs, ct);
-    const Tensor ps = cs == c ? hs : at::constant_pad_nd(hs, {0, 0, 0, c - cs});
-    const Tensor pt = ct == c ? ht : at::constant_pad_nd(ht, {0, 0, 0, c - ct});
-    sum = ps + pt;
-    difference = ps - pt;
+// The per-pixel work of pairwise_affinity_loss, written with ATen ops (any device). A backend
+// with its own kernels for it passes another struct with the same three functions.
+struct AtenPixelKernels {
+  // The per-pixel channel norms of x (N, C, L) → (N, L) in float64. They stay float64 (2·N·L
+  // values, saved for backward): rounded to float32, each pixel's x̂ would be off by a relative
+  // 6e-8, which is 1e-4 of a 1e-3 student–teacher difference.
+  static Tensor pixel_norms(const Tensor& x) {
+    return at::linalg_vector_norm(x, 2, {1}, /*keepdim=*/false, at::kDouble);
   }
-  return {sum.to(xs.scalar_type()), difference.to(xs.scalar_type())};
-}
+
+  // [D̂; Σ̂] (N, 2C, L) in x's (accumulation) dtype, C = max(C_s, C_t): D̂ = X̂_s − X̂_t and
+  // Σ̂ = X̂_s + X̂_t formed in float64 and rounded once; the narrower input gets zero channels
+  // (its affinities and norms are unchanged). norms (N, 2, L) float64.
+  static Tensor operands(const Tensor& xs, const Tensor& xt, const Tensor& norms) {
+    const int64_t c = std::max(xs.size(1), xt.size(1));
+    auto padded_hat = [&](const Tensor& x, int64_t which) {
+      const Tensor hat = x.to(at::kDouble) /
+                         norms.select(1, which).clamp_min(kNormEps).unsqueeze(1);
+      return x.size(1) == c ? hat : at::constant_pad_nd(hat, {0, 0, 0, c - x.size(1)});
+    };
+    const Tensor hs = padded_hat(xs, 0), ht = padded_hat(xt, 1);
+    return at::cat({hs - ht, hs + ht}, 1).to(xs.scalar_type());
+  }
+
+  // ∂loss/∂x from ∂loss/∂x̂ (N, C, L): (ĝ − x̂ ⟨x̂, ĝ⟩ [r > eps]) / r', or ĝ / r' with the norm
+  // detached; in the layout of empty_like(x_in) and x_in's dtype.
+  static Tensor input_grad(const Tensor& x_in, const Tensor& x, const Tensor& norms, int64_t which,
+                           const Tensor& grad_hat, bool detach_norm) {
+    const Tensor r = norms.select(1, which).unsqueeze(1);
+    const Tensor r_clamped = r.clamp_min(kNormEps);
+    Tensor grad = grad_hat.to(at::kDouble);
+    if (!detach_norm) {
+      const Tensor hat = x.to(at::kDouble) / r_clamped;
+      const Tensor radial = (hat * grad).sum(1, /*keepdim=*/true) * (r > kNormEps);
+      grad = grad - hat * radial;
+    }
+    return as_input_grad(grad / r_clamped, x_in);
+  }
+};
 
 // The L × L form is used when L ≤ C (see the header comment).
 inline bool pairwise_uses_pixel_side(int64_t channels, int64_t length) { return length <= channels; }
@@ -320,85 +336,75 @@ inline void check_pixel_norms(const Tensor& norms, const Tensor& student) {
 }
 
 // (loss: Σ (A_s − A_t)² / (N·L²), 0-dim in the accumulation dtype; norms (N, 2, L): the per-pixel
-// norms of student and teacher, float64).
-inline std::tuple<Tensor, Tensor> pairwise_affinity_loss_forward(const Tensor& student,
-                                                                 const Tensor& teacher) {
+// norms of student and teacher, float64). No host synchronisation.
+template <typename Kernels = AtenPixelKernels>
+std::tuple<Tensor, Tensor> pairwise_affinity_loss_forward(const Tensor& student, const Tensor& teacher) {
   check_pair(student, teacher, /*same_channels=*/false, /*same_spatial=*/true);
   const Tensor xs = features(student), xt = features(teacher);
-  const int64_t n = xs.size(0), l = xs.size(2);
-  const Tensor norms = at::stack({pixel_norms(xs), pixel_norms(xt)}, 1);
-  const PairwiseOperands op = pairwise_operands(xs, norms.select(1, 0), xt, norms.select(1, 1));
-  double total;
-  if (pairwise_uses_pixel_side(op.sum.size(1), l)) {
-    const Tensor delta = symmetric_part(at::bmm(transposed(op.sum), op.difference));
+  const int64_t n = xs.size(0), l = xs.size(2), c = std::max(xs.size(1), xt.size(1));
+  const Tensor norms = at::stack({Kernels::pixel_norms(xs), Kernels::pixel_norms(xt)}, 1);
+  const Tensor operands = Kernels::operands(xs, xt, norms);
+  const Tensor difference = operands.narrow(1, 0, c), sum = operands.narrow(1, c, c);
+  Tensor total;
+  if (pairwise_uses_pixel_side(c, l)) {
+    const Tensor delta = symmetric_part(at::bmm(transposed(sum), difference));
     total = frobenius_dot(delta, delta);
   } else {
-    const Tensor k = at::bmm(op.sum, transposed(op.sum));
-    const Tensor e = at::bmm(op.difference, transposed(op.difference));
-    const Tensor q = at::bmm(op.difference, transposed(op.sum));
+    const Tensor k = at::bmm(sum, transposed(sum));
+    const Tensor e = at::bmm(difference, transposed(difference));
+    const Tensor q = at::bmm(difference, transposed(sum));
     total = 0.5 * (frobenius_dot(k, e) + frobenius_dot(q, transposed(q)));
   }
   const double scale = static_cast<double>(n) * static_cast<double>(l) * static_cast<double>(l);
-  Tensor loss = at::scalar_tensor(total / scale, student.options().dtype(acc_dtype(student)));
-  return {loss, norms};
+  return {(total / scale).to(acc_dtype(student)), norms};
 }
 
-inline std::tuple<Tensor, Tensor> pairwise_affinity_loss_backward(
-    const Tensor& grad_loss, const Tensor& student, const Tensor& teacher, const Tensor& norms,
+template <typename Kernels = AtenPixelKernels>
+std::tuple<Tensor, Tensor> pairwise_affinity_loss_backward(
+    const Tensor& grad_loss, const Tensor& student, const Tensor& teacher, const Tensor& norms_in,
     bool detach_norm, bool student_requires_grad, bool teacher_requires_grad) {
   check_pair(student, teacher, /*same_channels=*/false, /*same_spatial=*/true);
-  check_pixel_norms(norms, student);
-  const double g = scalar_of("grad_loss", grad_loss);
+  check_pixel_norms(norms_in, student);
+  const Tensor g = device_scalar("grad_loss", grad_loss);
   const Tensor none = at::empty({0}, student.options());
   if (!student_requires_grad && !teacher_requires_grad) return {none, none};
 
   const Tensor xs = features(student), xt = features(teacher);
+  const Tensor norms = norms_in.contiguous();
   const int64_t n = xs.size(0), cs = xs.size(1), ct = xt.size(1), l = xs.size(2);
-  const Tensor norms_s = norms.select(1, 0), norms_t = norms.select(1, 1);
-  const PairwiseOperands op = pairwise_operands(xs, norms_s, xt, norms_t);
-  const double c = g / (static_cast<double>(n) * static_cast<double>(l) * static_cast<double>(l));
+  const int64_t c = std::max(cs, ct);
+  const Tensor operands = Kernels::operands(xs, xt, norms);
+  const Tensor difference = operands.narrow(1, 0, c), sum = operands.narrow(1, c, c);
+  // ∂loss/∂x = grad_loss · c_scale · (…), c_scale = 1/(N·L²).
+  const Tensor scale = (g / (static_cast<double>(n) * static_cast<double>(l) * static_cast<double>(l)))
+                           .to(xs.scalar_type());
 
-  // ∂loss/∂X̂ of the student (sign +1) and teacher (−1), first `channels` rows, accumulation dtype.
   Tensor grad_hat_s, grad_hat_t;
-  if (pairwise_uses_pixel_side(op.sum.size(1), l)) {
-    const Tensor delta = symmetric_part(at::bmm(transposed(op.sum), op.difference));
-    auto grad_hat = [&](const Tensor& x, const Tensor& x_norms, double sign) {
-      const Tensor hat = normalised64(x, x_norms).to(x.scalar_type());
-      return at::bmm(hat, delta).mul_(4.0 * c * sign);
-    };
-    if (student_requires_grad) grad_hat_s = grad_hat(xs, norms_s, 1.0);
-    if (teacher_requires_grad) grad_hat_t = grad_hat(xt, norms_t, -1.0);
+  if (pairwise_uses_pixel_side(c, l)) {
+    // ∂/∂X̂_s = 4 X̂_s Δ, ∂/∂X̂_t = −4 X̂_t Δ; X̂ = (Σ̂ ± D̂)/2, the own channels only.
+    const Tensor delta = symmetric_part(at::bmm(transposed(sum), difference));
+    if (student_requires_grad) {
+      grad_hat_s = at::bmm((sum + difference).narrow(1, 0, cs), delta).mul_(scale * 2.0);
+    }
+    if (teacher_requires_grad) {
+      grad_hat_t = at::bmm((sum - difference).narrow(1, 0, ct), delta).mul_(scale * -2.0);
+    }
   } else {
-    const Tensor k = at::bmm(op.sum, transposed(op.sum));
-    const Tensor e = at::bmm(op.difference, transposed(op.difference));
-    const Tensor q = at::bmm(op.difference, transposed(op.sum));
+    const Tensor k = at::bmm(sum, transposed(sum));
+    const Tensor e = at::bmm(difference, transposed(difference));
+    const Tensor q = at::bmm(difference, transposed(sum));
     const Tensor qt = transposed(q);
-    const Tensor operands = at::cat({op.difference, op.sum}, 1);  // [D̂; Σ̂] (N, 2C, L)
     auto grad_hat = [&](const Tensor& on_difference, const Tensor& on_sum, int64_t channels,
                         double sign) {
       // Only the input's own rows: the zero channels appended to it get no gradient.
       const Tensor weights = at::cat({on_difference, on_sum}, 2).narrow(1, 0, channels);
-      return at::bmm(weights, operands).mul_(c * sign);
+      return at::bmm(weights, operands).mul_(scale * sign);
     };
     if (student_requires_grad) grad_hat_s = grad_hat(k + q, qt + e, cs, 1.0);
     if (teacher_requires_grad) grad_hat_t = grad_hat(k - q, qt - e, ct, -1.0);
   }
-  // Through x̂ = x / max(r, eps): (ĝ − x̂ ⟨x̂, ĝ⟩) / r where r > eps and the norm is not detached,
-  // else ĝ / max(r, eps).
-  auto input_grad = [&](const Tensor& x_in, const Tensor& x, const Tensor& x_norms,
-                        const Tensor& grad_hat) {
-    const Tensor r = x_norms.to(at::kDouble).unsqueeze(1);
-    const Tensor r_clamped = r.clamp_min(kNormEps);
-    Tensor grad = grad_hat.to(at::kDouble);
-    if (!detach_norm) {
-      const Tensor hat = x.to(at::kDouble) / r_clamped;
-      const Tensor radial = (hat * grad).sum(1, /*keepdim=*/true) * (r > kNormEps);
-      grad = grad - hat * radial;
-    }
-    return as_input_grad(grad / r_clamped, x_in);
-  };
-  return {student_requires_grad ? input_grad(student, xs, norms_s, grad_hat_s) : none,
-          teacher_requires_grad ? input_grad(teacher, xt, norms_t, grad_hat_t) : none};
+  return {student_requires_grad ? Kernels::input_grad(student, xs, norms, 0, grad_hat_s, detach_norm) : none,
+          teacher_requires_grad ? Kernels::input_grad(teacher, xt, norms, 1, grad_hat_t, detach_norm) : none};
 }
 
 }  // namespace correlation
