@@ -68,6 +68,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.0"],
+        "bench": ["matplotlib"],
     },
     entry_points={
         "console_scripts": [

@@ -22,9 +22,11 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(kdops, m) {
   // Softmax-normalised KL (kdops/ops/softmax_kl.py). student, teacher: (N, C, *spatial).
-  // channel_kl: loss (0-dim) and row_stats (N*C, 3) = per row of τ-scaled logits
-  // [log-sum-exp of student, log-sum-exp of teacher, KL of the row], in float32 (float64 for
-  // float64 inputs). pixel_kl: loss and num_valid (0-dim int64, the pixels counted).
+  // channel_kl: loss (0-dim) and row_stats (N*C, 5) = per row (n, c)
+  // [max_s, log z_s, max_t, log z_t, KL of the row], where max_x is a logit of the row (raw,
+  // unscaled units) and z_x = Σ exp((x − max_x)/τ), so that log softmax(x/τ) =
+  // (x − max_x)/τ − log z_x is formed shift-safe; float32 (float64 for float64 inputs).
+  // pixel_kl: loss and num_valid (0-dim int64, the pixels counted).
   // The backward ops return an empty tensor for a gradient not requested.
   m.def("channel_kl(Tensor student, Tensor teacher, float tau) -> (Tensor loss, Tensor row_stats)");
   m.def(

@@ -41,6 +41,20 @@ def same_dtype_and_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Te
     same_device(name_a, a, name_b, b)
 
 
+# The temperatures the kernels are accurate for: 1/τ and τ² stay far inside float32's range,
+# and τ = 1e-6 still gives finite gradients (they scale with 1/τ).
+TAU_RANGE = (1e-6, 1e6)
+
+
+def temperature(name: str, value) -> float:
+    """A softmax temperature: a finite number in [1e-6, 1e6]."""
+    value = positive_finite(name, value)
+    low, high = TAU_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
+    return value
+
+
 def positive_finite(name: str, value) -> float:
     """A hyper-parameter that must be a finite number > 0 (tau, p)."""
     finite(name, value)
@@ -85,19 +99,38 @@ def size2d(name: str, size) -> tuple[int, int] | None:
     return (int(size[0]), int(size[1]))
 
 
+def integer_for_labels(name: str, value, label_dtype: torch.dtype) -> int:
+    """An int (``ignore_index``) that ``label_dtype`` can hold.
+
+    A value the dtype cannot hold would be wrapped by the comparison with the labels (uint8
+    labels against 256 compare with 0), silently ignoring real pixels.
+    """
+    value = integer(name, value)
+    info = torch.iinfo(label_dtype)
+    if not info.min <= value <= info.max:
+        raise ValueError(
+            f"{name}={value} cannot be held by {str(label_dtype).removeprefix('torch.')} labels "
+            f"(range [{info.min}, {info.max}])"
+        )
+    return value
+
+
 def labels(
     name: str,
     x: torch.Tensor,
     *,
     batch: int,
-    num_classes: int | None,
+    num_classes: int,
     ignore_index: int,
     spatial: Sequence[int] | None = None,
-) -> None:
+    ignore_index_name: str = "ignore_index",
+) -> int:
     """An integer label map (N, ...) whose values are in [0, num_classes) or ``ignore_index``.
 
-    The range check reads the labels (a device sync on GPU); it is skipped while
-    ``torch.compile`` traces, where it would break the graph.
+    Returns ``ignore_index`` after checking that the label dtype can hold it. The range check
+    reads the labels: on CPU tensors in eager mode it raises at once, naming the first bad
+    value; on CUDA tensors (and while ``torch.compile`` traces) it is a device-side assert, so
+    the host never waits for the device.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -109,12 +142,24 @@ def labels(
         raise ValueError(
             f"{name} must have spatial shape {tuple(spatial)}, got {tuple(x.shape[1:])}"
         )
-    if num_classes is None or torch.compiler.is_compiling():
-        return
-    bad = ((x < 0) | (x >= num_classes)) & (x != ignore_index)
-    if bool(bad.any()):
-        value = int(x[bad].flatten()[0])
-        raise ValueError(
-            f"{name} holds {value}, outside [0, num_classes={num_classes}) and not "
-            f"ignore_index={ignore_index}"
+    if x.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    ignore_index = integer_for_labels(ignore_index_name, ignore_index, x.dtype)
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Three small ops (a real step calls this every iteration): the range of the labels
+        # with the ignored ones mapped into it.
+        low, high = torch.aminmax(x.masked_fill(x == ignore_index, 0))
+        if int(low) < 0 or int(high) >= num_classes:
+            bad = ((x < 0) | (x >= num_classes)) & (x != ignore_index)
+            value = int(x[bad].flatten()[0])
+            raise ValueError(
+                f"{name} holds {value}, outside [0, {num_classes}) and not "
+                f"{ignore_index_name}={ignore_index}"
+            )
+    else:
+        bad = ((x < 0) | (x >= num_classes)) & (x != ignore_index)
+        torch._assert_async(
+            torch.logical_not(bad.any()),
+            f"{name} holds a label outside [0, num_classes) that is not {ignore_index_name}",
         )
+    return ignore_index

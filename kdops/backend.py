@@ -18,6 +18,7 @@ kdops never falls back silently from a backend the user asked for.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -57,11 +58,19 @@ class OpSpec:
     cpu: str | None = None
     cuda: str | None = None
     triton: str | None = None
-    # Order "auto" tries on CUDA tensors; set from benchmarks/results (fastest first).
-    cuda_order: tuple[str, ...] = ("triton", "cuda")
+    # Order "auto" tries on CUDA tensors: fastest first in the committed GPU results
+    # (benchmarks/results/nvidia-*.json; tests/test_dispatch_order.py holds it to them).
+    # ``cuda_order_by_dtype`` overrides it for dtypes whose ranking differs.
+    cuda_order: tuple[str, ...] = ("cuda", "triton")
+    cuda_order_by_dtype: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def implementation_path(self, backend: str) -> str | None:
         return getattr(self, backend)
+
+    def order_on_cuda(self, dtype: torch.dtype) -> tuple[str, ...]:
+        """The fused backends "auto" tries on CUDA tensors of ``dtype``, fastest first."""
+        name = str(dtype).removeprefix("torch.")
+        return dict(self.cuda_order_by_dtype).get(name, self.cuda_order)
 
 
 def _ref(module: str, fn: str) -> str:
@@ -131,6 +140,11 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def unavailable_reason(op: str, backend: str, device_type: str, dtype: torch.dtype) -> str | None:
     """Why ``backend`` cannot run ``op`` on tensors of this device type and dtype, else None."""
     spec = OPS[op]
@@ -142,7 +156,7 @@ def unavailable_reason(op: str, backend: str, device_type: str, dtype: torch.dty
         names = ", ".join(str(d).removeprefix("torch.") for d in BACKEND_DTYPES[backend])
         return f"the {backend} kernels take {names}, not {str(dtype).removeprefix('torch.')}"
     if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not triton_installed():
             return "triton is not installed"
         if device_type == "cpu" and not triton_interpreting():
             return "Triton kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1)"
@@ -162,9 +176,9 @@ def unavailable_reason(op: str, backend: str, device_type: str, dtype: torch.dty
     return None
 
 
-def _auto_order(op: str, device_type: str) -> tuple[str, ...]:
+def _auto_order(op: str, device_type: str, dtype: torch.dtype) -> tuple[str, ...]:
     if device_type == "cuda":
-        return OPS[op].cuda_order + ("reference",)
+        return OPS[op].order_on_cuda(dtype) + ("reference",)
     if device_type == "cpu":
         return ("cpu", "reference")
     return ("reference",)
@@ -178,26 +192,37 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
     """The backend that runs ``op`` for tensors on ``device`` with ``dtype``.
 
     Raises ``ValueError`` for an unknown name and :class:`BackendUnavailableError` when a
-    named backend cannot run the call.
+    named backend cannot run the call. Answers are cached per (op, backend, device type,
+    dtype, environment): at the sizes of a real step a call's Python overhead matters.
     """
+    name = _resolve_cached(
+        op, backend, device.type, dtype,
+        os.environ.get(BACKEND_ENV_VAR), os.environ.get("TRITON_INTERPRET"),
+    )
+    implementation(op, name)  # a dict lookup once imported; the import itself happens here
+    return name
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve_cached(op, backend, device_type, dtype, env_backend, env_interpret) -> str:
+    # env_backend and env_interpret are part of the key: the answer depends on them.
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; kdops has {sorted(OPS)}")
     name = default_backend() if backend is None else backend
     if name == "auto":
         name = next(
             candidate
-            for candidate in _auto_order(op, device.type)
-            if unavailable_reason(op, candidate, device.type, dtype) is None
+            for candidate in _auto_order(op, device_type, dtype)
+            if unavailable_reason(op, candidate, device_type, dtype) is None
         )
     elif name not in BACKENDS:
         raise ValueError(f"backend={name!r} is not a backend; choose one of {('auto',) + BACKENDS}")
     else:
-        reason = unavailable_reason(op, name, device.type, dtype)
+        reason = unavailable_reason(op, name, device_type, dtype)
         if reason is not None:
             raise BackendUnavailableError(
-                f"backend={name!r} cannot run kdops.{op} on {device.type} {dtype} tensors: {reason}"
+                f"backend={name!r} cannot run kdops.{op} on {device_type} {dtype} tensors: {reason}"
             )
-    implementation(op, name)
     return name
 
 
@@ -231,7 +256,7 @@ def status(op: str, backend: str) -> str:
     if spec.implementation_path(backend) is None:
         return "not implemented"
     if backend == "triton":
-        return "yes" if importlib.util.find_spec("triton") is not None else "no triton"
+        return "yes" if triton_installed() else "no triton"
     if not _extension.loaded():
         return "not built"
     if backend == "cuda" and not _extension.built_with_cuda():

@@ -26,7 +26,7 @@ def package_version(package: str) -> str:
 
 
 def _auto_choice(op: str, device: str) -> str:
-    for candidate in _auto_order(op, device):
+    for candidate in _auto_order(op, device, torch.float32):
         if unavailable_reason(op, candidate, device, torch.float32) is None:
             return candidate
     return "reference"

@@ -61,12 +61,15 @@ struct KLMath<at::vec::Vectorized<T>> {
   static V exp(const V& x) { return x.exp(); }  // Sleef, 1 ulp
   static V log(const V& x) { return x.log(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  static V where_positive(const V& weight, const V& value) {
+    return V::blendv(V(T(0)), value, weight > V(T(0)));
+  }
 };
 
 // float vectors: exp inlined (the kernels' hot operation, two per element in each pass) instead of
 // the Sleef call: Cephes' reduction x = n·ln2 + r and degree-6 polynomial, ≤ 1.3 ulp. The
-// arguments here are logits minus a running max, ≤ kKLSlack, so only the low end is clamped:
-// below −87.3 the result is ~1e-38 rather than 0, immaterial to sums of exps.
+// arguments here are scaled logits minus a running max, ≤ kKLSlack, so only the low end needs
+// care: below −87.3 (−inf included: a probability of exactly 0) the result is 0; NaN stays NaN.
 template <>
 struct KLMath<at::vec::Vectorized<float>> {
   using V = at::vec::Vectorized<float>;
@@ -83,10 +86,14 @@ struct KLMath<at::vec::Vectorized<float>> {
     y = at::vec::fmadd(y, r * r, r + V(1.0f));
     // 2^n from its bits: (n + 127) · 2^23, exact in float, is the bit pattern of 2^n.
     const V bits = at::vec::fmadd(n, V(8388608.0f), V(127.0f * 8388608.0f));
-    return y * at::vec::cast<float>(at::vec::convert_to_int_of_same_size(bits));
+    const V result = y * at::vec::cast<float>(at::vec::convert_to_int_of_same_size(bits));
+    return V::blendv(result, V(0.0f), x < V(-87.33654f));
   }
   static V log(const V& x) { return x.log(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  static V where_positive(const V& weight, const V& value) {
+    return V::blendv(V(0.0f), value, weight > V(0.0f));
+  }
 };
 
 namespace cpu {
@@ -192,13 +199,17 @@ constexpr int64_t kRowChunk = 8192;      // elements of a row per work item (row
 constexpr int64_t kPixelChunk = 1024;    // pixels per work item (channels layout)
 constexpr int64_t kShortRow = 256;       // shorter rows run kWidth at a time, one per lane
 
-// kAcc vector states fed a block of kAcc vectors at a time. The states share their maxima, set by
-// the first block and raised (a rescale) only when a lane of a block overshoots them by more than
-// kKLSlack, which is rare; sharing them makes folding the states together a plain sum.
+// kAcc vector states fed a block of kAcc vectors of raw logits at a time. The states share their
+// maxima, set by the first block and raised (a rescale) only when a lane of a block overshoots
+// them by more than kKLSlack (scaled), which is rare; sharing them makes folding the states
+// together a plain sum.
 template <typename V>
 struct BlockAccumulator {
   KLState<V> acc[kAcc];
+  V inv_tau;
   bool started = false;
+
+  explicit BlockAccumulator(typename V::value_type k) : inv_tau(k) {}
 
   // Adds xs[0..m), xt[0..m) (m ≤ kAcc), vector k to state k.
   void add(const V (&xs)[kAcc], const V (&xt)[kAcc], int m = kAcc) {
@@ -213,14 +224,14 @@ struct BlockAccumulator {
       started = true;
     } else {
       const V slack(static_cast<typename V::value_type>(kKLSlack));
-      const V overshoots = (ms > acc[0].ms + slack) | (mt > acc[0].mt + slack);
+      const V overshoots = ((ms - acc[0].ms) * inv_tau > slack) | ((mt - acc[0].mt) * inv_tau > slack);
       if (overshoots.zero_mask() != (1 << V::size()) - 1) {
         ms = M::max(ms, acc[0].ms);
         mt = M::max(mt, acc[0].mt);
-        for (int k = 0; k < kAcc; ++k) kl_rebase(acc[k], ms, mt);
+        for (int k = 0; k < kAcc; ++k) kl_rebase(acc[k], ms, mt, inv_tau);
       }
     }
-    for (int k = 0; k < m; ++k) kl_add(acc[k], xs[k], xt[k]);
+    for (int k = 0; k < m; ++k) kl_add(acc[k], xs[k], xt[k], inv_tau);
   }
 
   // The kAcc states as one, per lane (requires started).
@@ -238,13 +249,13 @@ struct BlockAccumulator {
 // The state of all lanes of a vector state together: every lane rebased to the lanes' maxima
 // (two vector exps), then summed.
 template <typename T>
-KLState<T> across_lanes(KLState<at::vec::Vectorized<T>> st) {
+KLState<T> across_lanes(KLState<at::vec::Vectorized<T>> st, T inv_tau) {
   using V = at::vec::Vectorized<T>;
   const auto max_op = [](const V& a, const V& b) { return at::vec::maximum(a, b); };
   const auto sum_op = [](const V& a, const V& b) { return a + b; };
   const T ms = at::vec::vec_reduce_all<T>(max_op, st.ms);
   const T mt = at::vec::vec_reduce_all<T>(max_op, st.mt);
-  kl_rebase(st, V(ms), V(mt));
+  kl_rebase(st, V(ms), V(mt), V(inv_tau));
   return KLState<T>{ms, at::vec::vec_reduce_all<T>(sum_op, st.zs), mt,
                     at::vec::vec_reduce_all<T>(sum_op, st.zt), at::vec::vec_reduce_all<T>(sum_op, st.w)};
 }
@@ -257,32 +268,32 @@ KLState<acc_t<scalar_t>> contiguous_row_state(const scalar_t* s, const scalar_t*
   using V = typename IO::V;
   using acc = acc_t<scalar_t>;
   constexpr int64_t W = IO::kWidth;
-  const V inv_tau_v(inv_tau);
-  BlockAccumulator<V> blocks;
+  BlockAccumulator<V> blocks(inv_tau);
   V xs[kAcc], xt[kAcc];
   for (int64_t i = 0; i < len / W * W; i += kAcc * W) {
     const int m = static_cast<int>(std::min<int64_t>(kAcc, (len - i) / W));  // whole vectors
     for (int k = 0; k < m; ++k) {
-      xs[k] = IO::load(s + i + k * W) * inv_tau_v;
-      xt[k] = IO::load(t + i + k * W) * inv_tau_v;
+      xs[k] = IO::load(s + i + k * W);
+      xt[k] = IO::load(t + i + k * W);
     }
     blocks.add(xs, xt, m);
   }
-  KLState<acc> state = blocks.started ? across_lanes(blocks.folded()) : kl_state_empty<acc>();
+  KLState<acc> state =
+      blocks.started ? across_lanes(blocks.folded(), inv_tau) : kl_state_empty<acc>();
   for (int64_t i = len / W * W; i < len; ++i) {
-    kl_push(state, static_cast<acc>(s[i]) * inv_tau, static_cast<acc>(t[i]) * inv_tau);
+    kl_push(state, static_cast<acc>(s[i]), static_cast<acc>(t[i]), inv_tau);
   }
   return state;
 }
 
 // The states of `lanes` ≤ kWidth rows side by side, one per lane, over `positions` ≥ 1
-// positions; load(i, xs, xt) gives position i of every lane as vectors of τ-scaled logits.
+// positions; load(i, xs, xt) gives position i of every lane as vectors of raw logits.
 template <typename V, typename Load>
-void lanewise_states(int64_t positions, int64_t lanes, const Load& load,
-                     KLState<typename V::value_type>* out) {
+void lanewise_states(int64_t positions, int64_t lanes, typename V::value_type inv_tau,
+                     const Load& load, KLState<typename V::value_type>* out) {
   using T = typename V::value_type;
   constexpr int64_t W = V::size();
-  BlockAccumulator<V> blocks;
+  BlockAccumulator<V> blocks(inv_tau);
   V xs[kAcc], xt[kAcc];
   for (int64_t i = 0; i < positions; i += kAcc) {
     const int m = static_cast<int>(std::min<int64_t>(kAcc, positions - i));
@@ -329,7 +340,6 @@ void channel_kl_forward_kernel(const PairView& v, double tau, Tensor& loss, Tens
   const scalar_t* s = v.s.const_data_ptr<scalar_t>();
   const scalar_t* t = v.t.const_data_ptr<scalar_t>();
   const acc inv_tau = static_cast<acc>(1.0 / tau);
-  const V inv_tau_v(inv_tau);
   const int64_t rows = v.n * v.c;
 
   // Partial states of each row, chunk by chunk, then merged in chunk order.
@@ -368,9 +378,9 @@ void channel_kl_forward_kernel(const PairView& v, double tau, Tensor& loss, Tens
             bt[l * W + j] = static_cast<acc>(tp[l]);
           }
         }
-        lanewise_states<V>(v.l, lanes, [&](int64_t l, V& xs, V& xt) {
-          xs = V::loadu(bs + l * W) * inv_tau_v;
-          xt = V::loadu(bt + l * W) * inv_tau_v;
+        lanewise_states<V>(v.l, lanes, inv_tau, [&](int64_t l, V& xs, V& xt) {
+          xs = V::loadu(bs + l * W);
+          xt = V::loadu(bt + l * W);
         }, partial.data() + row0);
       }
     });
@@ -388,10 +398,12 @@ void channel_kl_forward_kernel(const PairView& v, double tau, Tensor& loss, Tens
         const int64_t lanes = std::min(W, v.c - c0);
         const scalar_t* sp = s + n * v.ss.n + c0 + l0 * v.ss.l;
         const scalar_t* tp = t + n * v.ts.n + c0 + l0 * v.ts.l;
-        lanewise_states<V>(std::min(kPixelChunk, v.l - l0), lanes, [&](int64_t l, V& xs, V& xt) {
-          xs = IO::load(sp + l * v.ss.l, lanes) * inv_tau_v;
-          xt = IO::load(tp + l * v.ts.l, lanes) * inv_tau_v;
-        }, lane_state);
+        lanewise_states<V>(std::min(kPixelChunk, v.l - l0), lanes, inv_tau,
+                           [&](int64_t l, V& xs, V& xt) {
+                             xs = IO::load(sp + l * v.ss.l, lanes);
+                             xt = IO::load(tp + l * v.ts.l, lanes);
+                           },
+                           lane_state);
         for (int64_t j = 0; j < lanes; ++j) {
           partial[(n * v.c + c0 + j) * chunks + chunk] = lane_state[j];
         }
@@ -402,13 +414,13 @@ void channel_kl_forward_kernel(const PairView& v, double tau, Tensor& loss, Tens
   // Merge each row's chunks, then finalize kWidth rows at a time (vector logs).
   acc* stats = row_stats.data_ptr<acc>();
   at::parallel_for(0, (rows + W - 1) / W, 16, [&](int64_t begin, int64_t end) {
-    acc ms[W], zs[W], mt[W], zt[W], w[W], lse_s[W], lse_t[W], kl[W];
+    acc ms[W], zs[W], mt[W], zt[W], w[W], log_zs[W], log_zt[W], kl[W];
     for (int64_t group = begin; group < end; ++group) {
       const int64_t row0 = group * W, lanes = std::min(W, rows - row0);
       for (int64_t j = 0; j < W; ++j) {
         KLState<acc> state = kl_state_empty<acc>();
         for (int64_t chunk = 0; j < lanes && chunk < chunks; ++chunk) {
-          state = kl_merge(state, partial[(row0 + j) * chunks + chunk]);
+          state = kl_merge(state, partial[(row0 + j) * chunks + chunk], inv_tau);
         }
         if (j >= lanes) state = {acc(0), acc(1), acc(0), acc(1), acc(0)};  // unused lane
         ms[j] = state.ms;
@@ -419,41 +431,46 @@ void channel_kl_forward_kernel(const PairView& v, double tau, Tensor& loss, Tens
       }
       const KLRowStats<V> r = kl_finalize(KLState<V>{V::loadu(ms), V::loadu(zs), V::loadu(mt),
                                                     V::loadu(zt), V::loadu(w)});
-      r.lse_s.store(lse_s);
-      r.lse_t.store(lse_t);
+      r.log_zs.store(log_zs);
+      r.log_zt.store(log_zt);
       r.kl.store(kl);
       for (int64_t j = 0; j < lanes; ++j) {
-        stats[3 * (row0 + j)] = lse_s[j];
-        stats[3 * (row0 + j) + 1] = lse_t[j];
-        stats[3 * (row0 + j) + 2] = kl[j];
+        acc* out = stats + kKLRowStats * (row0 + j);
+        out[0] = ms[j];
+        out[1] = log_zs[j];
+        out[2] = mt[j];
+        out[3] = log_zt[j];
+        out[4] = kl[j];
       }
     }
   });
   double total = 0.0;
-  for (int64_t row = 0; row < rows; ++row) total += stats[3 * row + 2];
+  for (int64_t row = 0; row < rows; ++row) total += stats[kKLRowStats * row + 4];
   *loss.data_ptr<acc>() = static_cast<acc>(total * tau * tau / static_cast<double>(rows));
 }
 
 // ---------------------------------------------------------------------------------------------
 // channel_kl backward: one more read of s and t, each requested gradient written once
 
-// The gradients at one vector of elements; g_s / g_t are null when not requested.
+// The gradients at one vector of elements (raw logits xs, xt); g_s / g_t are null when not
+// requested.
 template <typename scalar_t>
 inline void store_channel_grads(const at::vec::Vectorized<acc_t<scalar_t>>& xs,
                                 const at::vec::Vectorized<acc_t<scalar_t>>& xt,
                                 const KLRowStats<at::vec::Vectorized<acc_t<scalar_t>>>& row,
+                                const at::vec::Vectorized<acc_t<scalar_t>>& inv_tau,
                                 const at::vec::Vectorized<acc_t<scalar_t>>& scale, scalar_t* g_s,
                                 scalar_t* g_t, int64_t count) {
   using IO = VecIO<scalar_t>;
   if (g_s != nullptr && g_t != nullptr) {
     typename IO::V grad_s, grad_t;
-    kl_grad_both(xs, xt, row, scale, grad_s, grad_t);
+    kl_grad_both(xs, xt, row, inv_tau, scale, grad_s, grad_t);
     IO::store(g_s, grad_s, count);
     IO::store(g_t, grad_t, count);
   } else if (g_s != nullptr) {
-    IO::store(g_s, kl_grad_student(xs, xt, row, scale), count);
+    IO::store(g_s, kl_grad_student(xs, xt, row, inv_tau, scale), count);
   } else {
-    IO::store(g_t, kl_grad_teacher(xs, xt, row, scale), count);
+    IO::store(g_t, kl_grad_teacher(xs, xt, row, inv_tau, scale), count);
   }
 }
 
@@ -480,15 +497,16 @@ void channel_kl_backward_kernel(const PairView& v, const Tensor& row_stats, doub
       for (int64_t item = begin; item < end; ++item) {
         const int64_t row = item / chunks, l0 = (item % chunks) * kRowChunk;
         const int64_t n = row / v.c, c = row % v.c, len = std::min(kRowChunk, v.l - l0);
-        const KLRowStats<V> r{V(stats[3 * row]), V(stats[3 * row + 1]), V(stats[3 * row + 2])};
+        const acc* in = stats + kKLRowStats * row;
+        const KLRowStats<V> r{V(in[0]), V(in[1]), V(in[2]), V(in[3]), V(in[4])};
         const scalar_t* sp = s + n * v.ss.n + c * v.ss.c + l0;
         const scalar_t* tp = t + n * v.ts.n + c * v.ts.c + l0;
         scalar_t* gsp = gs != nullptr ? gs + n * gss.n + c * gss.c + l0 : nullptr;
         scalar_t* gtp = gt != nullptr ? gt + n * gts.n + c * gts.c + l0 : nullptr;
         for (int64_t i = 0; i < len; i += W) {
           const int64_t count = std::min(W, len - i);
-          store_channel_grads(IO::load(sp + i, count) * inv_tau, IO::load(tp + i, count) * inv_tau,
-                              r, scale_v, gsp != nullptr ? gsp + i : nullptr,
+          store_channel_grads(IO::load(sp + i, count), IO::load(tp + i, count), r, inv_tau,
+                              scale_v, gsp != nullptr ? gsp + i : nullptr,
                               gtp != nullptr ? gtp + i : nullptr, count);
         }
       }
@@ -496,13 +514,12 @@ void channel_kl_backward_kernel(const PairView& v, const Tensor& row_stats, doub
     return;
   }
 
-  // Channels layout: a vector holds consecutive channels of one pixel, each its own row.
+  // Channels layout: a vector holds consecutive channels of one pixel, each its own row; the
+  // statistics are transposed to one array per statistic for vector loads.
   const int64_t rows = v.n * v.c;
-  std::vector<acc> lse_s(rows), lse_t(rows), kl(rows);
+  std::vector<acc> columns(kKLRowStats * rows);
   for (int64_t row = 0; row < rows; ++row) {
-    lse_s[row] = stats[3 * row];
-    lse_t[row] = stats[3 * row + 1];
-    kl[row] = stats[3 * row + 2];
+    for (int j = 0; j < kKLRowStats; ++j) columns[j * rows + row] = stats[kKLRowStats * row + j];
   }
   const int64_t chunks = (v.l + kPixelChunk - 1) / kPixelChunk;
   at::parallel_for(0, v.n * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -512,11 +529,14 @@ void channel_kl_backward_kernel(const PairView& v, const Tensor& row_stats, doub
       for (int64_t l = l0; l < l1; ++l) {
         for (int64_t c0 = 0; c0 < v.c; c0 += W) {
           const int64_t lanes = std::min(W, v.c - c0), row = n * v.c + c0;
-          const KLRowStats<V> r{V::loadu(&lse_s[row], lanes), V::loadu(&lse_t[row], lanes),
-                                V::loadu(&kl[row], lanes)};
-          const V xs = IO::load(s + n * v.ss.n + c0 + l * v.ss.l, lanes) * inv_tau;
-          const V xt = IO::load(t + n * v.ts.n + c0 + l * v.ts.l, lanes) * inv_tau;
-          store_channel_grads(xs, xt, r, scale_v,
+          const acc* column = columns.data() + row;
+          const KLRowStats<V> r{V::loadu(column, lanes), V::loadu(column + rows, lanes),
+                                V::loadu(column + 2 * rows, lanes),
+                                V::loadu(column + 3 * rows, lanes),
+                                V::loadu(column + 4 * rows, lanes)};
+          const V xs = IO::load(s + n * v.ss.n + c0 + l * v.ss.l, lanes);
+          const V xt = IO::load(t + n * v.ts.n + c0 + l * v.ts.l, lanes);
+          store_channel_grads(xs, xt, r, inv_tau, scale_v,
                               gs != nullptr ? gs + n * gss.n + c0 + l * gss.l : nullptr,
                               gt != nullptr ? gt + n * gts.n + c0 + l * gts.l : nullptr, lanes);
         }
@@ -527,13 +547,12 @@ void channel_kl_backward_kernel(const PairView& v, const Tensor& row_stats, doub
 
 // ---------------------------------------------------------------------------------------------
 // pixel_kl: tiles of kWidth consecutive pixels of one image (one pixel per lane) × C channels.
-// A tile is first copied, τ-scaled, into a [C][kWidth] buffer (one vector load per channel in the
+// A tile is first copied (raw logits, in acc_t) into a [C][kWidth] buffer (one vector load per channel in the
 // rows layout, a scalar gather for other strides): the copy issues the loads of the C rows
 // (4·L bytes apart) back to back, and the passes over C (statistics, then gradients) read L1.
 // Measured: faster than reading the rows inside the exp-heavy passes.
 
-// Channel c of a tile of pixels [l0, l0 + count), as a vector of τ-scaled logits (lanes ≥ count
-// zero).
+// Channel c of a tile of pixels [l0, l0 + count), as a vector of raw logits (lanes ≥ count zero).
 template <typename scalar_t>
 struct TileReader {
   using IO = VecIO<scalar_t>;
@@ -544,20 +563,16 @@ struct TileReader {
   acc* buffer;  // [C][W]
 
   // x points at (n, 0, l0).
-  TileReader(const scalar_t* x, const Strides3& st, int64_t channels, int64_t count, acc inv_tau,
-             acc* buffer)
+  TileReader(const scalar_t* x, const Strides3& st, int64_t channels, int64_t count, acc* buffer)
       : buffer(buffer) {
     if (st.l == 1) {
-      const V inv_tau_v(inv_tau);
-      for (int64_t c = 0; c < channels; ++c) {
-        (IO::load(x + c * st.c, count) * inv_tau_v).store(buffer + c * W);
-      }
+      for (int64_t c = 0; c < channels; ++c) IO::load(x + c * st.c, count).store(buffer + c * W);
       return;
     }
     std::fill(buffer, buffer + channels * W, acc(0));
     for (int64_t j = 0; j < count; ++j) {
       for (int64_t c = 0; c < channels; ++c) {
-        buffer[c * W + j] = static_cast<acc>(x[c * st.c + j * st.l]) * inv_tau;
+        buffer[c * W + j] = static_cast<acc>(x[c * st.c + j * st.l]);
       }
     }
   }
@@ -595,10 +610,11 @@ struct TileWriter {
 };
 
 // The per-pixel states of a tile in one pass over C: maxima from the first channel, raised only
-// when a channel overshoots them by more than kKLSlack. With es, et given, the exps of the
-// shifted logits are kept for the gradient pass (rescaled along when the maxima rise).
+// when a channel overshoots them by more than kKLSlack (scaled). With es, et given, the exps of
+// the shifted logits are kept for the gradient pass (rescaled along when the maxima rise).
 template <typename Reader>
 KLState<typename Reader::V> tile_state(const Reader& xs, const Reader& xt, int64_t channels,
+                                       const typename Reader::V& inv_tau,
                                        typename Reader::acc* es, typename Reader::acc* et) {
   using V = typename Reader::V;
   using M = KLMath<V>;
@@ -607,19 +623,20 @@ KLState<typename Reader::V> tile_state(const Reader& xs, const Reader& xt, int64
   KLState<V> state = kl_state_at(xs(0), xt(0));
   for (int64_t c = 0; c < channels; ++c) {
     const V x_s = xs(c), x_t = xt(c);
-    const V overshoots = (x_s > state.ms + slack) | (x_t > state.mt + slack);
+    const V overshoots = ((x_s - state.ms) * inv_tau > slack) | ((x_t - state.mt) * inv_tau > slack);
     if (overshoots.zero_mask() != (1 << V::size()) - 1) {
       const V ms = M::max(state.ms, x_s), mt = M::max(state.mt, x_t);
       if (es != nullptr) {
-        const V alpha_s = M::exp(state.ms - ms), alpha_t = M::exp(state.mt - mt);
+        const V alpha_s = M::exp((state.ms - ms) * inv_tau);
+        const V alpha_t = M::exp((state.mt - mt) * inv_tau);
         for (int64_t k = 0; k < c; ++k) {
           (V::loadu(es + k * W) * alpha_s).store(es + k * W);
           (V::loadu(et + k * W) * alpha_t).store(et + k * W);
         }
       }
-      kl_rebase(state, ms, mt);
+      kl_rebase(state, ms, mt, inv_tau);
     }
-    const V ds = x_s - state.ms, dt = x_t - state.mt;
+    const V ds = (x_s - state.ms) * inv_tau, dt = (x_t - state.mt) * inv_tau;
     const V exp_s = M::exp(ds), exp_t = M::exp(dt);
     kl_add_terms(state, ds, dt, exp_s, exp_t);
     if (es != nullptr) {
@@ -691,11 +708,11 @@ void pixel_kl_forward_kernel(const PixelView& v, double tau, Tensor& loss, Tenso
       tile_valid[item] = v.valid_lanes(n, l0, count, valid);
       tile_kl[item] = acc(0);
       if (tile_valid[item] == 0) continue;
-      const TileReader<scalar_t> xs(s + n * p.ss.n + l0 * p.ss.l, p.ss, p.c, count, inv_tau,
+      const TileReader<scalar_t> xs(s + n * p.ss.n + l0 * p.ss.l, p.ss, p.c, count,
                                     gathered.data());
-      const TileReader<scalar_t> xt(t + n * p.ts.n + l0 * p.ts.l, p.ts, p.c, count, inv_tau,
+      const TileReader<scalar_t> xt(t + n * p.ts.n + l0 * p.ts.l, p.ts, p.c, count,
                                     gathered.data() + p.c * W);
-      const V kl = kl_of(tile_state(xs, xt, p.c, nullptr, nullptr));
+      const V kl = kl_of(tile_state(xs, xt, p.c, V(inv_tau), nullptr, nullptr));
       // Blend, not multiply: an ignored pixel's KL may be anything, even inf or NaN.
       const V counted = V::blendv(V(acc(0)), kl, V::loadu(valid) != V(acc(0)));
       tile_kl[item] = at::vec::vec_reduce_all<acc>([](const V& a, const V& b) { return a + b; },
@@ -748,11 +765,11 @@ void pixel_kl_backward_kernel(const PixelView& v, double tau, double scale, Grad
           if (gt != nullptr) write_t(c, V(acc(0)));
         }
       } else {
-        const TileReader<scalar_t> xs(s + n * p.ss.n + l0 * p.ss.l, p.ss, p.c, count, inv_tau,
-                                      gathered);
-        const TileReader<scalar_t> xt(t + n * p.ts.n + l0 * p.ts.l, p.ts, p.c, count, inv_tau,
+        const TileReader<scalar_t> xs(s + n * p.ss.n + l0 * p.ss.l, p.ss, p.c, count, gathered);
+        const TileReader<scalar_t> xt(t + n * p.ts.n + l0 * p.ts.l, p.ts, p.c, count,
                                       gathered + p.c * W);
-        const KLState<V> state = tile_state(xs, xt, p.c, es, et);
+        const V inv_tau_v(inv_tau);
+        const KLState<V> state = tile_state(xs, xt, p.c, inv_tau_v, es, et);
         const KLRowStats<V> r = kl_finalize(state);
         const V inv_zs = V(acc(1)) / state.zs, inv_zt = V(acc(1)) / state.zt;
         const V scale_v(static_cast<acc>(scale)), zero(acc(0));
@@ -763,7 +780,8 @@ void pixel_kl_backward_kernel(const PixelView& v, double tau, double scale, Grad
           const V prob = V::loadu(et + c * W) * inv_zt;
           if (gs != nullptr) write_s(c, V::blendv(zero, kl_grad_student_at(q, prob, scale_v), counted));
           if (gt != nullptr) {
-            const V grad = kl_grad_teacher_at(prob, xt(c) - r.lse_t, xs(c) - r.lse_s, r.kl, scale_v);
+            const V grad = kl_grad_teacher_at(prob, kl_log_p(xt(c), r, inv_tau_v),
+                                              kl_log_q(xs(c), r, inv_tau_v), r.kl, scale_v);
             write_t(c, V::blendv(zero, grad, counted));
           }
         }
@@ -827,7 +845,7 @@ std::tuple<Tensor, Tensor> channel_kl_cpu(const Tensor& student, const Tensor& t
   const PairView v = pair_view(student, teacher, layout_of(student));
   const auto stats_options = student.options().dtype(acc_dtype(student));
   Tensor loss = at::empty({}, stats_options);
-  Tensor row_stats = at::empty({v.n * v.c, 3}, stats_options);
+  Tensor row_stats = at::empty({v.n * v.c, kKLRowStats}, stats_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
                                   "channel_kl_cpu", [&] {
                                     channel_kl_forward_kernel<scalar_t>(v, tau, loss, row_stats);
@@ -842,9 +860,10 @@ std::tuple<Tensor, Tensor> channel_kl_backward_cpu(const Tensor& grad_loss, cons
   check_pair(student, teacher);
   check_tau(tau);
   const int64_t rows = student.size(0) * student.size(1);
-  TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == rows && row_stats.size(1) == 3,
-                    "row_stats must have shape (N*C, 3) = (", rows, ", 3), got ",
-                    row_stats.sizes());
+  TORCH_CHECK_VALUE(
+      row_stats.dim() == 2 && row_stats.size(0) == rows && row_stats.size(1) == kKLRowStats,
+      "row_stats must have shape (N*C, ", kKLRowStats, ") = (", rows, ", ", kKLRowStats, "), got ",
+      row_stats.sizes());
   TORCH_CHECK_TYPE(row_stats.scalar_type() == acc_dtype(student), "row_stats must be ",
                    acc_dtype(student), ", got ", row_stats.scalar_type());
   const double g = scalar_of("grad_loss", grad_loss);

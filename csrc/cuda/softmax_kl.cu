@@ -125,9 +125,9 @@ __device__ __forceinline__ State shfl_xor(const State& st, int mask, int width) 
 }
 
 // The merge of the block's states, in thread 0. `shared` holds kWarps states.
-__device__ State block_merge(State st, State* shared) {
+__device__ State block_merge(State st, State* shared, float inv_tau) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) st = kl_merge(st, shfl_down(st, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) st = kl_merge(st, shfl_down(st, offset), inv_tau);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __syncthreads();  // the previous call may still be reading `shared`
   if (lane == 0) shared[warp] = st;
@@ -135,7 +135,9 @@ __device__ State block_merge(State st, State* shared) {
   if (warp == 0) {
     st = lane < kWarps ? shared[lane] : kl_state_empty<float>();
 #pragma unroll
-    for (int offset = kWarps / 2; offset > 0; offset >>= 1) st = kl_merge(st, shfl_down(st, offset));
+    for (int offset = kWarps / 2; offset > 0; offset >>= 1) {
+      st = kl_merge(st, shfl_down(st, offset), inv_tau);
+    }
   }
   return st;
 }
@@ -143,12 +145,12 @@ __device__ State block_merge(State st, State* shared) {
 // The merge of the states of a group of G lanes (G | 32), the same bits in every lane of the
 // group: each pair merges (lower lane, upper lane) in that order.
 template <int G>
-__device__ __forceinline__ State group_merge(State st) {
+__device__ __forceinline__ State group_merge(State st, float inv_tau) {
   const int lane = threadIdx.x % G;
 #pragma unroll
   for (int offset = G / 2; offset > 0; offset >>= 1) {
     const State other = shfl_xor(st, offset, G);
-    st = (lane & offset) ? kl_merge(other, st) : kl_merge(st, other);
+    st = (lane & offset) ? kl_merge(other, st, inv_tau) : kl_merge(st, other, inv_tau);
   }
   return st;
 }
@@ -170,39 +172,50 @@ __device__ V block_sum(V v, V* shared) {
   return v;
 }
 
-// Adds W elements to a state: one rescale check for the W, then W plain additions.
+// Adds W elements (raw logits) to a state: one rescale check for the W, then W plain additions.
 template <int W>
-__device__ __forceinline__ void push_vec(State& st, const float (&xs)[W], const float (&xt)[W]) {
+__device__ __forceinline__ void push_vec(State& st, const float (&xs)[W], const float (&xt)[W],
+                                         float inv_tau) {
   float ms = xs[0], mt = xt[0];
 #pragma unroll
   for (int k = 1; k < W; ++k) {
     ms = fmaxf(ms, xs[k]);
     mt = fmaxf(mt, xt[k]);
   }
-  if (!(st.zt > 0.f)) {
+  if (kl_is_empty(st)) {
     st = kl_state_at(ms, mt);
-  } else if (kl_overshoots(st, ms, mt)) {
-    kl_rebase(st, fmaxf(ms, st.ms), fmaxf(mt, st.mt));
+  } else if (kl_overshoots(st, ms, mt, inv_tau)) {
+    kl_rebase(st, fmaxf(ms, st.ms), fmaxf(mt, st.mt), inv_tau);
   }
 #pragma unroll
-  for (int k = 0; k < W; ++k) kl_add(st, xs[k], xt[k]);
+  for (int k = 0; k < W; ++k) kl_add(st, xs[k], xt[k], inv_tau);
 }
 
 __device__ __forceinline__ void write_row_stats(float* row_stats, int64_t row, const RowStats& r) {
-  row_stats[3 * row] = r.lse_s;
-  row_stats[3 * row + 1] = r.lse_t;
-  row_stats[3 * row + 2] = r.kl;
+  float* out = row_stats + kKLRowStats * row;
+  out[0] = r.ms;
+  out[1] = r.log_zs;
+  out[2] = r.mt;
+  out[3] = r.log_zt;
+  out[4] = r.kl;
 }
 
-// The requested gradients at one element (uniform branches: the flags are per launch).
-__device__ __forceinline__ void element_grads(float xs, float xt, const RowStats& r, float scale,
-                                              bool want_s, bool want_t, float& gs, float& gt) {
+__device__ __forceinline__ RowStats read_row_stats(const float* row_stats, int64_t row) {
+  const float* in = row_stats + kKLRowStats * row;
+  return RowStats{in[0], in[1], in[2], in[3], in[4]};
+}
+
+// The requested gradients at one element of raw logits (uniform branches: the flags are per
+// launch).
+__device__ __forceinline__ void element_grads(float xs, float xt, const RowStats& r, float inv_tau,
+                                              float scale, bool want_s, bool want_t, float& gs,
+                                              float& gt) {
   if (want_s && want_t) {
-    kl_grad_both(xs, xt, r, scale, gs, gt);
+    kl_grad_both(xs, xt, r, inv_tau, scale, gs, gt);
   } else if (want_s) {
-    gs = kl_grad_student(xs, xt, r, scale);
+    gs = kl_grad_student(xs, xt, r, inv_tau, scale);
   } else {
-    gt = kl_grad_teacher(xs, xt, r, scale);
+    gt = kl_grad_teacher(xs, xt, r, inv_tau, scale);
   }
 }
 
@@ -250,20 +263,15 @@ __global__ void __launch_bounds__(kThreads)
         float xs[kVec], xt[kVec];
         load_vec(s + l, xs);
         load_vec(t + l, xt);
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          xs[k] *= p.inv_tau;
-          xt[k] *= p.inv_tau;
-        }
-        push_vec(st, xs, xt);
+        push_vec(st, xs, xt, p.inv_tau);
       }
     } else {
       for (int64_t l = l0 + threadIdx.x; l < l1; l += kThreads) {
-        kl_push(st, to_float(s[l * p.student_strides.l]) * p.inv_tau,
-                to_float(t[l * p.teacher_strides.l]) * p.inv_tau);
+        kl_push(st, to_float(s[l * p.student_strides.l]), to_float(t[l * p.teacher_strides.l]),
+                p.inv_tau);
       }
     }
-    st = block_merge(st, shared);
+    st = block_merge(st, shared, p.inv_tau);
     if (threadIdx.x == 0) {
       if (pieces.count == 1) {
         write_row_stats(p.row_stats, row, kl_finalize(st));
@@ -276,11 +284,14 @@ __global__ void __launch_bounds__(kThreads)
 
 // Merges each row's pieces in order into its statistics.
 __global__ void __launch_bounds__(kThreads)
-    channel_kl_merge_kernel(const State* partial, int64_t rows, int64_t count, float* row_stats) {
+    channel_kl_merge_kernel(const State* partial, int64_t rows, int64_t count, float inv_tau,
+                            float* row_stats) {
   for (int64_t row = int64_t(blockIdx.x) * kThreads + threadIdx.x; row < rows;
        row += int64_t(gridDim.x) * kThreads) {
     State st = kl_state_empty<float>();
-    for (int64_t piece = 0; piece < count; ++piece) st = kl_merge(st, partial[row * count + piece]);
+    for (int64_t piece = 0; piece < count; ++piece) {
+      st = kl_merge(st, partial[row * count + piece], inv_tau);
+    }
     write_row_stats(row_stats, row, kl_finalize(st));
   }
 }
@@ -290,7 +301,9 @@ __global__ void __launch_bounds__(kThreads)
     channel_kl_loss_kernel(const float* row_stats, int64_t rows, float scale, float* loss) {
   __shared__ double shared[kWarps];
   double sum = 0.0;
-  for (int64_t row = threadIdx.x; row < rows; row += kThreads) sum += row_stats[3 * row + 2];
+  for (int64_t row = threadIdx.x; row < rows; row += kThreads) {
+    sum += row_stats[kKLRowStats * row + 4];
+  }
   sum = block_sum(sum, shared);
   if (threadIdx.x == 0) *loss = static_cast<float>(sum * scale);
 }
@@ -310,7 +323,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t l0 = (item % pieces.count) * pieces.length;
     const int64_t l1 = min(p.l, l0 + pieces.length);
     const int64_t n = row / p.c, c = row % p.c;
-    const RowStats r{p.row_stats[3 * row], p.row_stats[3 * row + 1], p.row_stats[3 * row + 2]};
+    const RowStats r = read_row_stats(p.row_stats, row);
     const T* s = student + n * p.student_strides.n + c * p.student_strides.c;
     const T* t = teacher + n * p.teacher_strides.n + c * p.teacher_strides.c;
     T* gs = want_s ? grad_student + n * p.grad_student_strides.n + c * p.grad_student_strides.c
@@ -324,8 +337,7 @@ __global__ void __launch_bounds__(kThreads)
         load_vec(t + l, xt);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
-          element_grads(xs[k] * p.inv_tau, xt[k] * p.inv_tau, r, scale, want_s, want_t, out_s[k],
-                        out_t[k]);
+          element_grads(xs[k], xt[k], r, p.inv_tau, scale, want_s, want_t, out_s[k], out_t[k]);
         }
         if (want_s) store_vec(gs + l, out_s);
         if (want_t) store_vec(gt + l, out_t);
@@ -333,9 +345,8 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       for (int64_t l = l0 + threadIdx.x; l < l1; l += kThreads) {
         float out_s = 0.f, out_t = 0.f;
-        element_grads(to_float(s[l * p.student_strides.l]) * p.inv_tau,
-                      to_float(t[l * p.teacher_strides.l]) * p.inv_tau, r, scale, want_s, want_t,
-                      out_s, out_t);
+        element_grads(to_float(s[l * p.student_strides.l]), to_float(t[l * p.teacher_strides.l]),
+                      r, p.inv_tau, scale, want_s, want_t, out_s, out_t);
         if (want_s) gs[l * p.grad_student_strides.l] = from_float<T>(out_s);
         if (want_t) gt[l * p.grad_teacher_strides.l] = from_float<T>(out_t);
       }
@@ -358,8 +369,8 @@ __device__ __forceinline__ State pixel_state(const Params& p, int64_t n, int64_t
   const T* t = static_cast<const T*>(p.teacher) + n * p.teacher_strides.n + l * p.teacher_strides.l;
   State st = kl_state_empty<float>();
   for (int64_t c = lane; c < p.c; c += G) {
-    kl_push(st, to_float(s[c * p.student_strides.c]) * p.inv_tau,
-            to_float(t[c * p.teacher_strides.c]) * p.inv_tau);
+    kl_push(st, to_float(s[c * p.student_strides.c]), to_float(t[c * p.teacher_strides.c]),
+            p.inv_tau);
   }
   return st;
 }
@@ -379,9 +390,8 @@ __device__ __forceinline__ void write_pixel_grads(const PixelKLBackwardParams& p
   for (int64_t c = lane; c < p.c; c += G) {
     float out_s = 0.f, out_t = 0.f;
     if (scale != 0.f) {
-      element_grads(to_float(s[c * p.student_strides.c]) * p.inv_tau,
-                    to_float(t[c * p.teacher_strides.c]) * p.inv_tau, r, scale, want_s, want_t, out_s,
-                    out_t);
+      element_grads(to_float(s[c * p.student_strides.c]), to_float(t[c * p.teacher_strides.c]), r,
+                    p.inv_tau, scale, want_s, want_t, out_s, out_t);
     }
     if (want_s) gs[c * p.grad_student_strides.c] = from_float<T>(out_s);
     if (want_t) gt[c * p.grad_teacher_strides.c] = from_float<T>(out_t);
@@ -422,7 +432,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t n = pixel / p.l, l = pixel % p.l;
     const bool counted = pixel < pixels && pixel_valid(p, n, l);
     State st = counted ? pixel_state<T>(p, n, l, lane, G) : kl_state_empty<float>();
-    if constexpr (G > 1) st = group_merge<G>(st);
+    if constexpr (G > 1) st = group_merge<G>(st, p.inv_tau);
     if (counted && lane == 0) {
       kl += kl_of(st);
       ++valid;
@@ -466,9 +476,10 @@ __global__ void __launch_bounds__(kThreads) pixel_kl_backward_kernel(const Pixel
     const bool inside = pixel < pixels;
     const bool counted = inside && pixel_valid(p, n, l);
     State st = counted ? pixel_state<T>(p, n, l, lane, G) : kl_state_empty<float>();
-    if constexpr (G > 1) st = group_merge<G>(st);
+    if constexpr (G > 1) st = group_merge<G>(st, p.inv_tau);
     if (inside) {
-      write_pixel_grads<T>(p, n, l, lane, G, counted ? kl_finalize(st) : RowStats{0.f, 0.f, 0.f},
+      write_pixel_grads<T>(p, n, l, lane, G,
+                           counted ? kl_finalize(st) : RowStats{0.f, 0.f, 0.f, 0.f, 0.f},
                            counted ? scale : 0.f);
     }
   }
@@ -545,7 +556,7 @@ cudaError_t launch_channel_kl_forward(const ChannelKLForwardParams& p, cudaStrea
   if (pieces.count > 1) {
     channel_kl_merge_kernel<<<grid_for((rows + kThreads - 1) / kThreads, p.num_sms, kBlocksPerSm),
                               kThreads, 0, stream>>>(static_cast<const State*>(p.workspace), rows,
-                                                     pieces.count, p.row_stats);
+                                                     pieces.count, p.inv_tau, p.row_stats);
   }
   channel_kl_loss_kernel<<<1, kThreads, 0, stream>>>(p.row_stats, rows, p.loss_scale, p.loss);
   return cudaGetLastError();

@@ -47,14 +47,14 @@ struct KLGradients {
 struct ChannelKLForwardParams : KLInputs {
   float loss_scale;  // τ²/(N·C)
   float* loss;       // 0-dim
-  float* row_stats;  // (N·C, 3): [lse_s, lse_t, KL] of each row of τ-scaled logits
+  float* row_stats;  // (N·C, 5): [max_s, log z_s, max_t, log z_t, KL] per row (maxima raw)
   void* workspace;   // channel_kl_forward_workspace_bytes(params) bytes
 };
 
 struct ChannelKLBackwardParams : KLInputs, KLGradients {
   float tau_over_rows;     // τ/(N·C)
   const float* grad_loss;  // 0-dim, on the device
-  const float* row_stats;  // (N·C, 3) contiguous, from the forward
+  const float* row_stats;  // (N·C, 5) contiguous, from the forward
 };
 
 struct PixelKLForwardParams : KLInputs, PixelTarget {

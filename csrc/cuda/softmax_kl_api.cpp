@@ -18,6 +18,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/softmax_kl.h"
 #include "common/tensor_layout.h"
 #include "cuda/softmax_kl.h"
 
@@ -157,7 +158,7 @@ std::tuple<Tensor, Tensor> channel_kl_cuda(const Tensor& student, const Tensor& 
   const int64_t n = s.size(0), c = s.size(1);
   const auto f32 = s.options().dtype(at::kFloat);
   Tensor loss = at::empty({}, f32);
-  Tensor row_stats = at::empty({n * c, 3}, f32);
+  Tensor row_stats = at::empty({n * c, kKLRowStats}, f32);
 
   ChannelKLForwardParams p{};
   fill_inputs(p, s, t, tau);
@@ -178,8 +179,10 @@ std::tuple<Tensor, Tensor> channel_kl_backward_cuda(const Tensor& grad_loss, con
   check_tau(tau);
   check_on_device("grad_loss", grad_loss, student);
   const int64_t n = student.size(0), c = student.size(1);
-  TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == n * c && row_stats.size(1) == 3,
-                    "row_stats must have shape (N*C, 3) = (", n * c, ", 3), got ", row_stats.sizes());
+  TORCH_CHECK_VALUE(
+      row_stats.dim() == 2 && row_stats.size(0) == n * c && row_stats.size(1) == kKLRowStats,
+      "row_stats must have shape (N*C, ", kKLRowStats, ") = (", n * c, ", ", kKLRowStats, "), got ",
+      row_stats.sizes());
   TORCH_CHECK_TYPE(row_stats.scalar_type() == at::kFloat, "row_stats must be float32, got ",
                    row_stats.scalar_type());
   TORCH_CHECK_VALUE(row_stats.device() == student.device(),

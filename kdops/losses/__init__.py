@@ -7,10 +7,11 @@ parameters in the student's optimizer. Every module takes ``backend=`` (see
 :mod:`kdops.backend`).
 
 ========================================  ===============================================
-module                                    upstream
+module                                    upstream (values and gradients; see each docstring)
 ========================================  ===============================================
 :class:`PixelKD`                          CIRKD ``CriterionKD``
-:class:`ChannelWiseDivergence`            mmrazor ``ChannelWiseDivergence``, CIRKD ``CriterionCWD``
+:class:`ChannelWiseDivergence`            CIRKD ``CriterionCWD('channel', 'kl')`` (any widths);
+                                          mmrazor ``ChannelWiseDivergence`` (equal widths)
 :class:`AttentionTransfer`                AT (Zagoruyko & Komodakis), CIRKD ``CriterionAT``
 :class:`SelfAttentionDistillation`        SAD (ENet-SAD ``at_gen``); MAD with ``pairs="all"``
 :class:`LabelGuidedAttention`             LGAD
@@ -18,9 +19,13 @@ module                                    upstream
 :class:`AdaptivePerspectiveDistillation`  APD (dvlab-research/APD)
 :class:`AdaptiveChannelFeatureDistillation`  ACFD
 :class:`PairwiseAffinity`                 SKD ``CriterionPairWiseforWholeFeatAfterPool``
+                                          (``detach_norm=True``, the default)
 :class:`IntraClassVariation`              IFVD / CIRKD ``CriterionIFV``
-:class:`ICKD`                             ICKD ``batch_loss``
+:class:`ICKD`                             ICKD ``ICKDLoss.batch_loss`` (Conv1×1 + BN embed)
 ========================================  ===============================================
+
+The upstream classes themselves, with their own names and signatures, are in
+:mod:`kdops.compat`.
 """
 from kdops.losses.attention import (
     AttentionTransfer,

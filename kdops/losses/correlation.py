@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import kdops
 from kdops import _checks
-from kdops.losses._common import conv1x1_adapter, like, weight_arg
+from kdops.losses._common import ICKDEmbed, conv1x1_adapter, like, pairwise_affinity, weight_arg
 
 
 class PairwiseAffinity(nn.Module):
@@ -20,20 +20,19 @@ class PairwiseAffinity(nn.Module):
     s, both are first max-pooled with kernel = stride = (⌊H·s⌋, ⌊W·s⌋) (ceil mode), which is
     SKD's ``CriterionPairWiseforWholeFeatAfterPool(scale=s)`` (upstream default s = 0.5; its
     norm adds 1e-8 where kdops clamps at 1e-12). Channels may differ. ``detach_norm=True``
-    treats the per-pixel norm as a constant for the gradient, as SKD's code does; the default
-    (False) gives the gradient of the loss itself.
+    (default) treats the per-pixel norm as a constant for the gradient, as SKD's code does
+    (values and gradients equal SKD's); ``False`` differentiates through it, as CIRKD's
+    ``CriterionStructuralKD`` (``F.normalize``) does.
 
     forward(student (N, C_s, H, W), teacher (N, C_t, H, W)) → scalar.
     """
 
-    def __init__(self, loss_weight: float = 1.0, pool_scale: float | None = None, detach_norm: bool = False,
-                 *, backend: str | None = None):
+    def __init__(self, loss_weight: float = 1.0, pool_scale: float | None = None, *, detach_norm: bool = True,
+                 backend: str | None = None):
         super().__init__()
+        self.detach_norm = bool(detach_norm)
         self.loss_weight = weight_arg("loss_weight", loss_weight)
         self.pool_scale = None if pool_scale is None else _checks.positive_finite("pool_scale", pool_scale)
-        if not isinstance(detach_norm, bool):
-            raise TypeError(f"detach_norm must be a bool, got {type(detach_norm).__name__}")
-        self.detach_norm = detach_norm
         self.backend = backend
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,8 +43,7 @@ class PairwiseAffinity(nn.Module):
         teacher = like(teacher, student)
         if self.pool_scale is not None:
             student, teacher = self._pool(student), self._pool(teacher)
-        loss = kdops.pairwise_affinity_loss(student, teacher, self.detach_norm, backend=self.backend)
-        return self.loss_weight * loss
+        return self.loss_weight * pairwise_affinity(student, teacher, self.detach_norm, self.backend)
 
     def extra_repr(self) -> str:
         return f"loss_weight={self.loss_weight}, pool_scale={self.pool_scale}, detach_norm={self.detach_norm}"
@@ -55,8 +53,10 @@ class ICKD(nn.Module):
     """Inter-channel correlation distillation (Liu et al., ICCV 2021): ``loss_weight`` ·
     Σ (G_s − G_t)² / (N·C), G = X Xᵀ with each row L2-normalised.
 
-    Equals ICKD's ``batch_loss``; when ``student_channels != teacher_channels`` the student
-    first goes through a bias-free 1×1 conv to the teacher's width (trained with the student).
+    Equals ICKD's ``ICKDLoss(opt).batch_loss`` (s_dim = student_channels, feat_dim =
+    teacher_channels): the student first goes through ICKD's embed, a bias-free 1×1 conv to the
+    teacher's width and BatchNorm, at equal widths too (trained with the student). Without
+    channel counts there is no embed: the Gram loss of the features as given.
 
     forward(student (N, C_s, H, W), teacher (N, C_t, H', W')) → scalar.
     """
@@ -64,7 +64,8 @@ class ICKD(nn.Module):
     def __init__(self, student_channels: int | None = None, teacher_channels: int | None = None,
                  loss_weight: float = 1.0, *, backend: str | None = None):
         super().__init__()
-        self.adapter = conv1x1_adapter(student_channels, teacher_channels)
+        no_embed = student_channels is None or teacher_channels is None
+        self.adapter = None if no_embed else ICKDEmbed(student_channels, teacher_channels)
         self.loss_weight = weight_arg("loss_weight", loss_weight)
         self.backend = backend
 

@@ -40,13 +40,18 @@ class PixelKD(nn.Module):
 
 
 class ChannelWiseDivergence(nn.Module):
-    """Channel-wise distillation: ``loss_weight`` · τ² · Σ_{n,c} KL(softmax_L(t/τ) ‖ softmax_L(s/τ)) / (N·C).
+    """Channel-wise distillation: ``loss_weight`` · τ² · Σ_{n,c} KL(softmax_L(t/τ) ‖ softmax_L(s'/τ))
+    / (N·C_s), s' the student (through the adapter when the widths differ), t the teacher, detached.
 
-    Equals mmrazor ``ChannelWiseDivergence(tau, loss_weight)`` and, with the 1×1 adapter that
-    is built when ``student_channels != teacher_channels``, CIRKD
-    ``CriterionCWD(s_channels, t_channels, norm_type="channel", divergence="kl", temperature=tau)``
-    times ``loss_weight``. The adapter (bias-free 1×1 conv, student → teacher channels) is
-    trained with the student.
+    The sum runs over the C_t channels of the (adapted) student and the teacher, and is divided
+    by the student's own width C_s, as CIRKD ``CriterionCWD`` reads ``c`` from the student
+    before its 1×1 conv: this module equals CIRKD ``CriterionCWD(student_channels,
+    teacher_channels, norm_type="channel", divergence="kl", temperature=tau)`` times
+    ``loss_weight`` at any widths (values and gradients: both detach the teacher). At equal
+    widths (no adapter) it equals mmrazor ``ChannelWiseDivergence(tau, loss_weight)`` in value
+    and student gradient; mmrazor does not detach the teacher (``kdops.compat.mmrazor`` does as
+    mmrazor does). The adapter (bias-free 1×1 conv, student → teacher channels, built when
+    ``student_channels != teacher_channels``) is trained with the student.
 
     forward(student (N, C_s, H, W), teacher (N, C_t, H, W)) → scalar.
     """
@@ -61,10 +66,12 @@ class ChannelWiseDivergence(nn.Module):
         self.backend = backend
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        student_channels = student.shape[1]
         if self.adapter is not None:
             student = self.adapter(student)
-        loss = kdops.channel_kl(student, like(teacher, student), self.tau, backend=self.backend)
-        return self.loss_weight * loss
+        loss = kdops.channel_kl(student, like(teacher.detach(), student), self.tau, backend=self.backend)
+        # channel_kl divides by the C_t channels it sums over; CWD divides by the student's C_s.
+        return (self.loss_weight * student.shape[1] / student_channels) * loss
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, loss_weight={self.loss_weight}"

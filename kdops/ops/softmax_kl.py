@@ -22,12 +22,12 @@ def channel_kl(
 ) -> torch.Tensor:
     """Channel-wise distillation (CWD): τ² · Σ_{n,c} KL(softmax_L(t/τ) ‖ softmax_L(s/τ)) / (N·C).
 
-    student, teacher: (N, C, *spatial) of one dtype; returns a float32 scalar (float64 for
-    float64 inputs). Equals mmrazor ``ChannelWiseDivergence(tau, loss_weight=1)`` and
-    CIRKD ``CriterionCWD('channel', 'kl', tau)``.
+    student, teacher: (N, C, *spatial) of one dtype; tau in [1e-6, 1e6]; returns a float32
+    scalar (float64 for float64 inputs). Equals mmrazor ``ChannelWiseDivergence(tau,
+    loss_weight=1)`` and CIRKD ``CriterionCWD('channel', 'kl', tau)``.
     """
     _check_pair(student, teacher)
-    tau = _checks.positive_finite("tau", tau)
+    tau = _checks.temperature("tau", tau)
     return _backend.dispatch("channel_kl", backend, student)(student, teacher, tau)
 
 
@@ -43,26 +43,32 @@ def pixel_kl(
     """Pixel-wise KD: τ² · mean over valid pixels of KL(softmax_C(t/τ) ‖ softmax_C(s/τ)).
 
     student, teacher: (N, C, *spatial) logits; target: (N, *spatial) integer labels, pixels
-    equal to ``ignore_index`` excluded (all pixels when None). Returns a float32 scalar;
-    0 when no pixel is valid. Equals CIRKD ``CriterionKD(temperature=tau)``.
+    equal to ``ignore_index`` excluded (all pixels when None), every other label in [0, C).
+    tau in [1e-6, 1e6]. Returns a float32 scalar; 0 (with zero gradients) when no pixel is
+    valid, whatever the ignored pixels hold. Equals CIRKD ``CriterionKD(temperature=tau)``.
     """
     _check_pair(student, teacher)
-    tau = _checks.positive_finite("tau", tau)
+    tau = _checks.temperature("tau", tau)
     ignore_index = _checks.integer("ignore_index", ignore_index)
     if target is not None:
-        _checks.labels(
-            "target", target, batch=student.shape[0], num_classes=None,
+        if isinstance(target, torch.Tensor):
+            _checks.same_device("student", student, "target", target)
+        ignore_index = _checks.labels(
+            "target", target, batch=student.shape[0], num_classes=student.shape[1],
             ignore_index=ignore_index, spatial=student.shape[2:],
         )
-        _checks.same_device("student", student, "target", target)
     return _backend.dispatch("pixel_kl", backend, student)(student, teacher, tau, target, ignore_index)
 
 
 # ---------------------------------------------------------------------------------------------
 # The C++ extension (backends "cpu" and "cuda"): the kdops:: ops of csrc/kdops.cpp, made
 # differentiable here. Forward ops save only their inputs and O(rows) statistics: channel_kl its
-# row_stats (N·C, 3), pixel_kl the 0-dim count of valid pixels (its backward recomputes each
-# pixel's softmaxes from the inputs).
+# row_stats (N·C, 5) = per row [max_s, log z_s, max_t, log z_t, KL] (maxima in raw logit units,
+# kept apart from the log-sums so that the backward's log-softmax stays shift-safe), pixel_kl
+# the 0-dim count of valid pixels (its backward recomputes each pixel's softmaxes from the inputs).
+
+# Columns of channel_kl's row_stats (csrc/common/softmax_kl.h, kKLRowStats).
+ROW_STATS = 5
 
 
 def _channel_kl_extension(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
@@ -97,7 +103,7 @@ def _fake_grads(student, teacher, student_requires_grad, teacher_requires_grad):
 def _channel_kl_fake(student, teacher, tau):
     rows = student.shape[0] * student.shape[1]
     dtype = _stats_dtype(student)
-    return student.new_empty((), dtype=dtype), student.new_empty((rows, 3), dtype=dtype)
+    return student.new_empty((), dtype=dtype), student.new_empty((rows, ROW_STATS), dtype=dtype)
 
 
 def _channel_kl_backward_fake(

@@ -2,19 +2,27 @@
 
 Math (specification: :mod:`kdops.reference.softmax_kl`). A *row* is the vector a softmax runs
 over: the L positions of one (n, c) for ``channel_kl``, the C channels of one pixel for
-``pixel_kl``. With s' = s/τ, t' = t/τ, q = softmax(s'), p = softmax(t'):
+``pixel_kl``. With raw logits s, t, maxima m_s, m_t (logits of the row), ds = (s − m_s)/τ,
+dt = (t − m_t)/τ, q = softmax(s/τ), p = softmax(t/τ):
 
-    KL(p‖q) = Σ p (t' − s') − (lse(t') − lse(s'))
-            = A / Σ exp(t' − m_t) − (lse(t') − lse(s')),  A = Σ exp(t' − m_t)(t' − s'),
+    KL(p‖q) = Σ p (dt − ds) − log z_t + log z_s = A / z_t + log(z_s / z_t),
+    z_s = Σ exp(ds),  z_t = Σ exp(dt),  A = Σ exp(dt)(dt − ds),
 
-so the running (max m, Σ exp(x − m)) of s' and of t' and the cross term A, all merged online,
-give the KL of a row from ONE read of s and t. Backward, with the row's lse and KL:
+so the running (m, z) of s and of t and the cross term A, all merged online, give the KL of a
+row from ONE read of s and t. Backward, with the row's statistics [m_s, log z_s, m_t, log z_t,
+KL]:
 
-    ∂KL/∂s' = q − p,        ∂KL/∂t' = p (log p − log q − KL).
+    ∂KL/∂(s/τ) = q − p,        ∂KL/∂(t/τ) = p (log p − log q − KL),
+    log q = ds − log z_s,      log p = dt − log z_t.
 
-Kernels work in base 2 (x·log2(e)/τ, exp2, log2: the hardware's native exponent); every
-statistic that leaves a kernel is in natural units. Accumulation is float32 whatever the input
-dtype; offsets are int64 so tensors over 2^31 elements work.
+Shift-safe: exponents are formed after the max shift, in raw units, then scaled (s − m_s)/τ,
+never s/τ at the magnitude of the logits and then a subtraction; the maxima and the log-sums
+are kept apart (their sum rounded to one float would lose those digits again). A teacher −inf
+is a probability of exactly 0 (its terms are 0, never 0·inf); a student −inf where p > 0 gives
++inf. Kernels work in base 2 ((x − m)·log2(e)/τ, exp2, log2: the hardware's native exponent);
+every statistic that leaves a kernel is in natural units (maxima in raw logit units).
+Accumulation is float32 whatever the input dtype; offsets are int64 so tensors over 2^31
+elements work.
 
 File layout: jit helpers → kernels → launchers (launch heuristics, buffers) → the
 ``kdops_triton::`` ops (``custom_op``, fake kernels, autograd) → the backend entry points
@@ -36,12 +44,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kdops.ops.softmax_kl import register_softmax_kl_ops
+from kdops.ops.softmax_kl import ROW_STATS, register_softmax_kl_ops
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _LN2 = tl.constexpr(LN2)
 _LOG2E = tl.constexpr(LOG2E)
+# The lowest maximum a row's statistics take (the most negative float32): finite, so that a
+# −inf logit never meets a −inf maximum (−inf − (−inf) is NaN).
+_LOWEST = tl.constexpr(-3.4028234663852886e38)
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -56,123 +67,167 @@ _LAUNCH_OVERRIDES: dict[str, int] = {}
 # ---------------------------------------------------------------------------------------------
 # jit helpers
 # ---------------------------------------------------------------------------------------------
+#
+# A row's statistics, per lane or per row: maxima m_s, m_t (raw logits, never below _LOWEST so
+# that −inf logits never meet a −inf maximum), sum_s = Σ exp2(ds), sum_t = Σ exp2(dt) and the
+# cross term cross = Σ exp2(dt)(dt − ds), where ds = (s − m_s)·c, dt = (t − m_t)·c, c = log2(e)/τ
+# (base-2 units: exp2 is the hardware's exponent). Every exponent is formed after the shift, in
+# raw units, then scaled: shift-safe for logits far from 0 (k·s rounded at |k·s| ~ 1e4 would cost
+# ~1e-3 in every exponent). Since Σ exp2(ds) = Σ exp((s − m_s)/τ), the sums are the natural
+# z_s, z_t of the row statistics.
 
 
 @triton.jit
-def _rescale(m, m_new):
-    """exp2(m − m_new): the factor that moves a Σexp2(· − m) to the larger max m_new.
+def _rebased(m_s, sum_s, m_t, sum_t, cross, new_m_s, new_m_t, c):
+    """(sum_s, sum_t, cross) moved to the maxima new_m_s ≥ m_s, new_m_t ≥ m_t.
 
-    An empty state (m = −inf, sum 0) gets factor 0, also when m_new is −inf (all states
-    empty): clamping m_new to the most negative float keeps −inf − (−inf) = NaN out.
+    Every dt falls by Δt = (new_m_t − m_t)·c, every ds by Δs: sums scale by exp2(−Δ), and
+    cross' = exp2(−Δt)(cross + (Δs − Δt)·sum_t). A maximum raised from _LOWEST can make the
+    shift infinite: it counts only where the teacher already has mass (then cross is +inf
+    already: a student −inf where p > 0), and a cross of +inf stays +inf.
     """
-    return tl.exp2(m - tl.maximum(m_new, -3.4028234663852886e38))
+    alpha_t = tl.exp2((m_t - new_m_t) * c)
+    moved_sum_t = alpha_t * sum_t
+    shift = ((new_m_s - m_s) - (new_m_t - m_t)) * c
+    moved_cross = alpha_t * cross + tl.where(moved_sum_t > 0, moved_sum_t * shift, 0.0)
+    moved_cross = tl.where(cross == float("inf"), cross, moved_cross)
+    return tl.exp2((m_s - new_m_s) * c) * sum_s, moved_sum_t, moved_cross
 
 
 @triton.jit
-def _online_add(m, total, x, mask):
-    """Add x to per-lane running (max m, total = Σ exp2(· − m)) with one exp2 per element.
+def _cross_term(e_t, dt, ds):
+    """exp2(dt)(dt − ds) of one element; 0 where p = 0 (a teacher −inf), whatever s is."""
+    return tl.where(e_t > 0, e_t * (dt - ds), 0.0)
 
-    e = exp2(−|x − m|) is either the new term (x ≤ m) or the factor rescaling the old total
-    (x > m, then the new term is 1). Lanes where mask is false keep their state. Returns the
-    new (m, total) and (e, grow) for a term that rides on the same max (the cross term A).
+
+@triton.jit
+def _online_add(m_s, sum_s, m_t, sum_t, cross, s, t, mask, c):
+    """Add raw logits (s, t) to per-lane statistics with one exp2 per logit.
+
+    e = exp2(−|x − m|·c) is either the new term (x ≤ m) or the factor rescaling the old sum
+    (x > m, then the new term is 1 and x the new maximum). Lanes where mask is false keep
+    their state.
     """
-    delta = x - m
-    e = tl.exp2(-tl.abs(delta))
-    grow = mask & (delta > 0)
-    total = tl.where(grow, total * e + 1.0, tl.where(mask, total + e, total))
-    m = tl.where(grow, x, m)
-    return m, total, e, grow
+    d_s = (s - m_s) * c
+    d_t = (t - m_t) * c
+    e_s = tl.exp2(-tl.abs(d_s))
+    e_t = tl.exp2(-tl.abs(d_t))
+    grow_s = mask & (d_s > 0)
+    grow_t = mask & (d_t > 0)
+    # The old terms move by the growth of each maximum; the new element's shifted logits are 0
+    # for a logit that is the new maximum.
+    shift = tl.where(grow_s, d_s, 0.0) - tl.where(grow_t, d_t, 0.0)
+    alpha_t = tl.where(grow_t, e_t, 1.0)
+    new_e_t = tl.where(grow_t, 1.0, e_t)
+    term = _cross_term(new_e_t, tl.where(grow_t, 0.0, d_t), tl.where(grow_s, 0.0, d_s))
+    moved = alpha_t * cross + tl.where(sum_t > 0, alpha_t * sum_t * shift, 0.0)
+    moved = tl.where(cross == float("inf"), cross, moved)
+    cross = tl.where(mask, moved + term, cross)
+    sum_s = tl.where(grow_s, sum_s * e_s + 1.0, tl.where(mask, sum_s + e_s, sum_s))
+    sum_t = tl.where(grow_t, sum_t * e_t + 1.0, tl.where(mask, sum_t + e_t, sum_t))
+    m_s = tl.where(grow_s, s, m_s)
+    m_t = tl.where(grow_t, t, m_t)
+    return m_s, sum_s, m_t, sum_t, cross
 
 
 @triton.jit
-def _kl_from_stats(m_s, sum_s, m_t, sum_t, cross):
-    """(lse2_s, lse2_t, kl) of rows from their merged statistics (base-2 units: KL = ln2·kl).
+def _merge_lanes(m_s, sum_s, m_t, sum_t, cross, c, AXIS: tl.constexpr):
+    """The statistics of lanes merged along AXIS: every lane moved to the maxima, summed."""
+    row_m_s = tl.max(m_s, AXIS)
+    row_m_t = tl.max(m_t, AXIS)
+    moved_s, moved_t, moved_cross = _rebased(
+        m_s, sum_s, m_t, sum_t, cross,
+        tl.expand_dims(row_m_s, AXIS), tl.expand_dims(row_m_t, AXIS), c,
+    )
+    return (
+        row_m_s, tl.sum(moved_s, AXIS), row_m_t, tl.sum(moved_t, AXIS), tl.sum(moved_cross, AXIS)
+    )
 
-    kl = cross/sum_t − (lse2_t − lse2_s) is summed as cross/sum_t + (m_s − m_t) +
-    log2(sum_s/sum_t): terms the size of the difference between s and t. Each lse2 is about
-    max + log2 L, and its float32 rounding (~1e-6 at L = 2^19) would swamp a small KL.
+
+@triton.jit
+def _kl_from_stats(sum_s, sum_t, cross):
+    """(log2 z_s, log2 z_t, KL in base 2) of rows from their merged statistics (KL = ln2·kl2).
+
+    kl2 = cross/sum_t + log2(sum_s/sum_t): terms of the size of the difference between s and
+    t, never of the logits' magnitude.
     """
-    lse2_s = m_s + tl.log2(sum_s)
-    lse2_t = m_t + tl.log2(sum_t)
-    return lse2_s, lse2_t, cross / sum_t + (m_s - m_t) + tl.log2(sum_s / sum_t)
+    return tl.log2(sum_s), tl.log2(sum_t), cross / sum_t + tl.log2(sum_s / sum_t)
 
 
 @triton.jit
-def _kl_grads(s2, t2, lse2_s, lse2_t, kl, coef):
-    """coef·∂KL/∂s' and coef·∂KL/∂t' from base-2 logits and lse and the natural-unit KL.
+def _kl_grads(s, t, m_s, log2_zs, m_t, log2_zt, kl, coef, c):
+    """coef·∂KL/∂(s/τ) and coef·∂KL/∂(t/τ) from raw logits and the row statistics (maxima raw,
+    log-sums in base 2, KL natural).
 
-    ∂KL/∂s' = q − p,  ∂KL/∂t' = p (log p − log q − KL),
-    log p − log q = ln2·((t2 − s2) − (lse2_t − lse2_s)).
+    ∂KL/∂s' = q − p,  ∂KL/∂t' = p (log p − log q − KL) (0 where p = 0), with
+    log2 q = (s − m_s)·c − log2 z_s, log2 p = (t − m_t)·c − log2 z_t.
     A result the caller does not store is removed by the compiler.
     """
-    q = tl.exp2(s2 - lse2_s)
-    p = tl.exp2(t2 - lse2_t)
-    log_ratio = ((t2 - s2) - (lse2_t - lse2_s)) * _LN2
-    return coef * (q - p), coef * p * (log_ratio - kl)
+    log2_q = (s - m_s) * c - log2_zs
+    log2_p = (t - m_t) * c - log2_zt
+    q = tl.exp2(log2_q)
+    p = tl.exp2(log2_p)
+    grad_t = tl.where(p > 0, coef * p * ((log2_p - log2_q) * _LN2 - kl), 0.0)
+    return coef * (q - p), grad_t
 
 
 @triton.jit
 def _load_pixel_chunk(
-    s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, c0, C, pixel_mask, log2e_over_tau,
+    s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, c0, C, pixel_mask,
     BLOCK_C: tl.constexpr,
 ):
-    """Channels [c0, c0 + BLOCK_C) of a tile of pixels as base-2 logits [BLOCK_P, BLOCK_C]
+    """Channels [c0, c0 + BLOCK_C) of a tile of pixels as raw float32 logits [BLOCK_P, BLOCK_C]
     (0 outside the tensor); and those channels, their mask, and the mask of the elements."""
     channels = c0 + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
     mask = pixel_mask[:, None] & channel_mask[None, :]
     channels = channels.to(tl.int64)
-    s2 = tl.load(s_ptr + s_pixels[:, None] + channels[None, :] * s_stride_c, mask=mask, other=0.0)
-    t2 = tl.load(t_ptr + t_pixels[:, None] + channels[None, :] * t_stride_c, mask=mask, other=0.0)
-    s2 = s2.to(tl.float32) * log2e_over_tau
-    t2 = t2.to(tl.float32) * log2e_over_tau
-    return s2, t2, channels, channel_mask, mask
+    s = tl.load(s_ptr + s_pixels[:, None] + channels[None, :] * s_stride_c, mask=mask, other=0.0)
+    t = tl.load(t_ptr + t_pixels[:, None] + channels[None, :] * t_stride_c, mask=mask, other=0.0)
+    return s.to(tl.float32), t.to(tl.float32), channels, channel_mask, mask
 
 
 @triton.jit
-def _pixel_chunk_stats(s2, t2, channel_mask):
-    """Per pixel of a chunk: (max, Σexp2(· − max)) of s2 and of t2, and the cross term
-    Σ exp2(t2 − max_t)(t2 − s2).
+def _pixel_chunk_stats(s, t, channel_mask, c):
+    """Per pixel of a chunk of raw logits: (max, Σexp2) of s and of t, and the cross term.
 
-    Channels past C hold 0 in s2 and t2 (a finite cross term) and count as −inf in the max
-    and sums; every chunk has a channel below C, so every pixel's statistics are finite
-    (pixels past L hold zeros and are dropped by the caller).
+    Channels past C hold 0 in s and t and count for nothing; every chunk has a channel below
+    C, so every pixel's maxima are at least _LOWEST (pixels past L hold zeros and are dropped
+    by the caller).
     """
-    s_in = tl.where(channel_mask[None, :], s2, float("-inf"))
-    t_in = tl.where(channel_mask[None, :], t2, float("-inf"))
-    m_s = tl.max(s_in, 1)
-    m_t = tl.max(t_in, 1)
-    sum_s = tl.sum(tl.exp2(s_in - m_s[:, None]), 1)
-    e_t = tl.exp2(t_in - m_t[:, None])
-    return m_s, sum_s, m_t, tl.sum(e_t, 1), tl.sum(e_t * (t2 - s2), 1)
+    m_s = tl.maximum(tl.max(tl.where(channel_mask[None, :], s, float("-inf")), 1), _LOWEST)
+    m_t = tl.maximum(tl.max(tl.where(channel_mask[None, :], t, float("-inf")), 1), _LOWEST)
+    d_s = (s - m_s[:, None]) * c
+    d_t = (t - m_t[:, None]) * c
+    e_s = tl.where(channel_mask[None, :], tl.exp2(d_s), 0.0)
+    e_t = tl.where(channel_mask[None, :], tl.exp2(d_t), 0.0)
+    return m_s, tl.sum(e_s, 1), m_t, tl.sum(e_t, 1), tl.sum(_cross_term(e_t, d_t, d_s), 1)
 
 
 @triton.jit
 def _pixel_stats(
-    s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, C, pixel_mask, log2e_over_tau,
+    s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, C, pixel_mask, c,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per pixel of a tile: the merged statistics over all C channels, BLOCK_C at a time."""
-    m_s = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    m_t = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    m_s = tl.full([BLOCK_P], _LOWEST, tl.float32)
+    m_t = tl.full([BLOCK_P], _LOWEST, tl.float32)
     sum_s = tl.zeros([BLOCK_P], tl.float32)
     sum_t = tl.zeros([BLOCK_P], tl.float32)
     cross = tl.zeros([BLOCK_P], tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        s2, t2, _, channel_mask, _ = _load_pixel_chunk(
-            s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, c0, C, pixel_mask,
-            log2e_over_tau, BLOCK_C,
+        s, t, _, channel_mask, _ = _load_pixel_chunk(
+            s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, c0, C, pixel_mask, BLOCK_C,
         )
-        cm_s, csum_s, cm_t, csum_t, ccross = _pixel_chunk_stats(s2, t2, channel_mask)
+        cm_s, csum_s, cm_t, csum_t, ccross = _pixel_chunk_stats(s, t, channel_mask, c)
         new_m_s = tl.maximum(m_s, cm_s)
-        sum_s = sum_s * _rescale(m_s, new_m_s) + csum_s * _rescale(cm_s, new_m_s)
-        m_s = new_m_s
         new_m_t = tl.maximum(m_t, cm_t)
-        old_factor = _rescale(m_t, new_m_t)
-        chunk_factor = _rescale(cm_t, new_m_t)
-        sum_t = sum_t * old_factor + csum_t * chunk_factor
-        cross = cross * old_factor + ccross * chunk_factor
-        m_t = new_m_t
+        sum_s, sum_t, cross = _rebased(m_s, sum_s, m_t, sum_t, cross, new_m_s, new_m_t, c)
+        csum_s, csum_t, ccross = _rebased(cm_s, csum_s, cm_t, csum_t, ccross, new_m_s, new_m_t, c)
+        m_s, m_t = new_m_s, new_m_t
+        sum_s += csum_s
+        sum_t += csum_t
+        cross += ccross
     return m_s, sum_s, m_t, sum_t, cross
 
 
@@ -188,17 +243,22 @@ def _valid_pixels(target_ptr, target_offsets, pixel_mask, ignore_index, HAS_TARG
 
 @triton.jit
 def _store_pixel_grads(
-    grad_s_ptr, grad_t_ptr, gs_pixels, gt_pixels, gs_stride_c, gt_stride_c, channels, mask,
-    s2, t2, lse2_s, lse2_t, kl, coef,
+    grad_s_ptr, grad_t_ptr, gs_pixels, gt_pixels, gs_stride_c, gt_stride_c, channels, mask, valid,
+    s, t, m_s, log2_zs, m_t, log2_zt, kl, coef, c,
     STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
 ):
-    """Per-pixel lse2_s, lse2_t, kl, coef [BLOCK_P]; a chunk's s2, t2 and channels; mask: the
-    elements to write."""
-    grad_s, grad_t = _kl_grads(s2, t2, lse2_s[:, None], lse2_t[:, None], kl[:, None], coef[:, None])
+    """Per-pixel statistics, coef and valid [BLOCK_P]; a chunk's raw s, t and channels; mask:
+    the elements to write. Pixels not valid get exact zeros, whatever their logits hold."""
+    grad_s, grad_t = _kl_grads(
+        s, t, m_s[:, None], log2_zs[:, None], m_t[:, None], log2_zt[:, None], kl[:, None],
+        coef[:, None], c,
+    )
     if STUDENT_GRAD:
+        grad_s = tl.where(valid[:, None], grad_s, 0.0)
         offsets = gs_pixels[:, None] + channels[None, :] * gs_stride_c
         tl.store(grad_s_ptr + offsets, grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
     if TEACHER_GRAD:
+        grad_t = tl.where(valid[:, None], grad_t, 0.0)
         offsets = gt_pixels[:, None] + channels[None, :] * gt_stride_c
         tl.store(grad_t_ptr + offsets, grad_t.to(grad_t_ptr.dtype.element_ty), mask=mask)
 
@@ -219,9 +279,8 @@ def _channel_kl_partials_kernel(
     """channel_kl forward, step 1: statistics of one split of BLOCK_R rows (channels of one image).
 
     Program pid = row_tile·splits + split reads positions [split·blocks_per_split·BLOCK_L, …)
-    of its rows once, keeping per lane the running (max, Σexp2) of s2 and of t2 and the cross
-    term, and writes per row the partial (m_s, sum_s, m_t, sum_t, cross) to
-    partials (5, num_rows, splits).
+    of its rows once, keeping per lane the running statistics, and writes per row the partial
+    (m_s, sum_s, m_t, sum_t, cross) to partials (5, num_rows, splits).
     """
     pid = tl.program_id(0)
     split = pid % splits
@@ -233,8 +292,8 @@ def _channel_kl_partials_kernel(
     s_rows = n * s_stride_n + channels * s_stride_c
     t_rows = n * t_stride_n + channels * t_stride_c
 
-    m_s = tl.full([BLOCK_R, BLOCK_L], float("-inf"), tl.float32)
-    m_t = tl.full([BLOCK_R, BLOCK_L], float("-inf"), tl.float32)
+    m_s = tl.full([BLOCK_R, BLOCK_L], _LOWEST, tl.float32)
+    m_t = tl.full([BLOCK_R, BLOCK_L], _LOWEST, tl.float32)
     sum_s = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
     sum_t = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
     cross = tl.zeros([BLOCK_R, BLOCK_L], tl.float32)
@@ -244,22 +303,16 @@ def _channel_kl_partials_kernel(
         positions = block * BLOCK_L + tl.arange(0, BLOCK_L)
         mask = row_mask[:, None] & (positions < L)[None, :]
         positions = positions.to(tl.int64)
-        s2 = tl.load(s_ptr + s_rows[:, None] + positions[None, :] * s_stride_l, mask=mask, other=0.)
-        t2 = tl.load(t_ptr + t_rows[:, None] + positions[None, :] * t_stride_l, mask=mask, other=0.)
-        s2 = s2.to(tl.float32) * log2e_over_tau
-        t2 = t2.to(tl.float32) * log2e_over_tau
-        m_s, sum_s, _, _ = _online_add(m_s, sum_s, s2, mask)
-        m_t, sum_t, e_t, grow_t = _online_add(m_t, sum_t, t2, mask)
-        diff = t2 - s2
-        cross = tl.where(grow_t, cross * e_t + diff, tl.where(mask, cross + e_t * diff, cross))
+        s = tl.load(s_ptr + s_rows[:, None] + positions[None, :] * s_stride_l, mask=mask, other=0.)
+        t = tl.load(t_ptr + t_rows[:, None] + positions[None, :] * t_stride_l, mask=mask, other=0.)
+        m_s, sum_s, m_t, sum_t, cross = _online_add(
+            m_s, sum_s, m_t, sum_t, cross, s.to(tl.float32), t.to(tl.float32), mask,
+            log2e_over_tau,
+        )
 
-    row_m_s = tl.max(m_s, 1)
-    row_m_t = tl.max(m_t, 1)
-    row_sum_s = tl.sum(sum_s * _rescale(m_s, row_m_s[:, None]), 1)
-    factor_t = _rescale(m_t, row_m_t[:, None])
-    row_sum_t = tl.sum(sum_t * factor_t, 1)
-    row_cross = tl.sum(cross * factor_t, 1)
-
+    row_m_s, row_sum_s, row_m_t, row_sum_t, row_cross = _merge_lanes(
+        m_s, sum_s, m_t, sum_t, cross, log2e_over_tau, 1
+    )
     rows = n * C + channels
     out = partials_ptr + rows * splits + split
     stat_stride = tl.cast(num_rows, tl.int64) * splits
@@ -272,11 +325,12 @@ def _channel_kl_partials_kernel(
 
 @triton.jit
 def _channel_kl_merge_kernel(
-    partials_ptr, row_stats_ptr, num_rows, splits,
+    partials_ptr, row_stats_ptr, num_rows, splits, log2e_over_tau,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """channel_kl forward, step 2: merge each row's split partials into row_stats (rows, 3) =
-    [lse(s'), lse(t'), KL] in natural units; BLOCK_M rows per program."""
+    """channel_kl forward, step 2: merge each row's split partials into row_stats (rows, 5) =
+    [max_s, log z_s, max_t, log z_t, KL] (maxima raw, the rest natural units); BLOCK_M rows per
+    program."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < num_rows
     # Rows past the end re-read the last row: finite, never stored.
@@ -285,24 +339,24 @@ def _channel_kl_merge_kernel(
     mask = tl.broadcast_to((cols < splits)[None, :], [BLOCK_M, BLOCK_S])
     offsets = rows[:, None] * splits + cols[None, :]
     stat_stride = tl.cast(num_rows, tl.int64) * splits
-    m_s = tl.load(partials_ptr + offsets, mask=mask, other=float("-inf"))
+    # Columns past `splits` are empty states at the lowest maxima: they add nothing.
+    m_s = tl.load(partials_ptr + offsets, mask=mask, other=_LOWEST)
     sum_s = tl.load(partials_ptr + stat_stride + offsets, mask=mask, other=0.0)
-    m_t = tl.load(partials_ptr + 2 * stat_stride + offsets, mask=mask, other=float("-inf"))
+    m_t = tl.load(partials_ptr + 2 * stat_stride + offsets, mask=mask, other=_LOWEST)
     sum_t = tl.load(partials_ptr + 3 * stat_stride + offsets, mask=mask, other=0.0)
     cross = tl.load(partials_ptr + 4 * stat_stride + offsets, mask=mask, other=0.0)
 
-    row_m_s = tl.max(m_s, 1)
-    row_m_t = tl.max(m_t, 1)
-    row_sum_s = tl.sum(sum_s * _rescale(m_s, row_m_s[:, None]), 1)
-    factor_t = _rescale(m_t, row_m_t[:, None])
-    row_sum_t = tl.sum(sum_t * factor_t, 1)
-    row_cross = tl.sum(cross * factor_t, 1)
-    lse2_s, lse2_t, kl2 = _kl_from_stats(row_m_s, row_sum_s, row_m_t, row_sum_t, row_cross)
+    row_m_s, row_sum_s, row_m_t, row_sum_t, row_cross = _merge_lanes(
+        m_s, sum_s, m_t, sum_t, cross, log2e_over_tau, 1
+    )
+    log2_zs, log2_zt, kl2 = _kl_from_stats(row_sum_s, row_sum_t, row_cross)
 
-    out = row_stats_ptr + rows * 3
-    tl.store(out, lse2_s * _LN2, mask=row_mask)
-    tl.store(out + 1, lse2_t * _LN2, mask=row_mask)
-    tl.store(out + 2, kl2 * _LN2, mask=row_mask)
+    out = row_stats_ptr + rows * 5
+    tl.store(out, row_m_s, mask=row_mask)
+    tl.store(out + 1, log2_zs * _LN2, mask=row_mask)
+    tl.store(out + 2, row_m_t, mask=row_mask)
+    tl.store(out + 3, log2_zt * _LN2, mask=row_mask)
+    tl.store(out + 4, kl2 * _LN2, mask=row_mask)
 
 
 @triton.jit
@@ -328,10 +382,12 @@ def _channel_kl_backward_kernel(
     channels = (row_tile % num_c_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = channels < C
     channels = channels.to(tl.int64)
-    stats = row_stats_ptr + (n * C + channels) * 3
-    lse2_s = (tl.load(stats, mask=row_mask, other=0.0) * _LOG2E)[:, None]
-    lse2_t = (tl.load(stats + 1, mask=row_mask, other=0.0) * _LOG2E)[:, None]
-    kl = tl.load(stats + 2, mask=row_mask, other=0.0)[:, None]
+    stats = row_stats_ptr + (n * C + channels) * 5
+    m_s = tl.load(stats, mask=row_mask, other=0.0)[:, None]
+    log2_zs = (tl.load(stats + 1, mask=row_mask, other=0.0) * _LOG2E)[:, None]
+    m_t = tl.load(stats + 2, mask=row_mask, other=0.0)[:, None]
+    log2_zt = (tl.load(stats + 3, mask=row_mask, other=0.0) * _LOG2E)[:, None]
+    kl = tl.load(stats + 4, mask=row_mask, other=0.0)[:, None]
     coef = tl.load(grad_loss_ptr).to(tl.float32) * grad_scale
     s_rows = (n * s_stride_n + channels * s_stride_c)[:, None]
     t_rows = (n * t_stride_n + channels * t_stride_c)[:, None]
@@ -344,11 +400,12 @@ def _channel_kl_backward_kernel(
         positions = block * BLOCK_L + tl.arange(0, BLOCK_L)
         mask = row_mask[:, None] & (positions < L)[None, :]
         positions = positions.to(tl.int64)[None, :]
-        s2 = tl.load(s_ptr + s_rows + positions * s_stride_l, mask=mask, other=0.0)
-        t2 = tl.load(t_ptr + t_rows + positions * t_stride_l, mask=mask, other=0.0)
-        s2 = s2.to(tl.float32) * log2e_over_tau
-        t2 = t2.to(tl.float32) * log2e_over_tau
-        grad_s, grad_t = _kl_grads(s2, t2, lse2_s, lse2_t, kl, coef)
+        s = tl.load(s_ptr + s_rows + positions * s_stride_l, mask=mask, other=0.0)
+        t = tl.load(t_ptr + t_rows + positions * t_stride_l, mask=mask, other=0.0)
+        grad_s, grad_t = _kl_grads(
+            s.to(tl.float32), t.to(tl.float32), m_s, log2_zs, m_t, log2_zt, kl, coef,
+            log2e_over_tau,
+        )
         if STUDENT_GRAD:
             tl.store(grad_s_ptr + gs_rows + positions * gs_stride_l,
                      grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
@@ -367,7 +424,8 @@ def _pixel_kl_forward_kernel(
 ):
     """pixel_kl forward: program pid = n·num_p_tiles + tile takes BLOCK_P consecutive pixels of
     image n × all C channels and writes Σ KL (natural units) and the count over its valid
-    pixels to kl_partials[pid] and count_partials[pid]."""
+    pixels to kl_partials[pid] and count_partials[pid]. An ignored pixel's KL (whatever its
+    logits hold, NaN included) is dropped by a select, never multiplied by 0."""
     pid = tl.program_id(0)
     n = (pid // num_p_tiles).to(tl.int64)
     positions = (pid % num_p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -379,11 +437,11 @@ def _pixel_kl_forward_kernel(
     )
     s_pixels = n * s_stride_n + positions * s_stride_l
     t_pixels = n * t_stride_n + positions * t_stride_l
-    m_s, sum_s, m_t, sum_t, cross = _pixel_stats(
+    _, sum_s, _, sum_t, cross = _pixel_stats(
         s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, C, pixel_mask, log2e_over_tau,
         BLOCK_P, BLOCK_C,
     )
-    _, _, kl2 = _kl_from_stats(m_s, sum_s, m_t, sum_t, cross)
+    _, _, kl2 = _kl_from_stats(sum_s, sum_t, cross)
     tl.store(kl_partials_ptr + pid, tl.sum(tl.where(valid, kl2, 0.0), 0) * _LN2)
     tl.store(count_partials_ptr + pid, tl.sum(valid.to(tl.int32), 0))
 
@@ -401,7 +459,7 @@ def _pixel_kl_backward_kernel(
 ):
     """pixel_kl backward on the forward's tiles: recompute each pixel's softmaxes (rows are
     short), then with k = g·τ/max(V, 1): grad_s = k·(q − p), grad_t = k·p(log p − log q −
-    KL) at valid pixels and 0 elsewhere. When C fits one chunk the tile is read once."""
+    KL) at valid pixels and exactly 0 elsewhere. When C fits one chunk the tile is read once."""
     pid = tl.program_id(0)
     n = (pid // num_p_tiles).to(tl.int64)
     positions = (pid % num_p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -412,36 +470,37 @@ def _pixel_kl_backward_kernel(
         HAS_TARGET,
     )
     num_valid = tl.maximum(tl.load(num_valid_ptr), 1).to(tl.float32)
-    coef = tl.where(valid, tl.load(grad_loss_ptr).to(tl.float32) * tau / num_valid, 0.0)
+    coef = tl.zeros([BLOCK_P], tl.float32) + tl.load(grad_loss_ptr).to(tl.float32) * tau / num_valid
     s_pixels = n * s_stride_n + positions * s_stride_l
     t_pixels = n * t_stride_n + positions * t_stride_l
     gs_pixels = n * gs_stride_n + positions * gs_stride_l
     gt_pixels = n * gt_stride_n + positions * gt_stride_l
     if NUM_C_CHUNKS == 1:
-        s2, t2, channels, channel_mask, mask = _load_pixel_chunk(
-            s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, 0, C, pixel_mask,
-            log2e_over_tau, BLOCK_C,
+        s, t, channels, channel_mask, mask = _load_pixel_chunk(
+            s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, 0, C, pixel_mask, BLOCK_C,
         )
-        m_s, sum_s, m_t, sum_t, cross = _pixel_chunk_stats(s2, t2, channel_mask)
-        lse2_s, lse2_t, kl2 = _kl_from_stats(m_s, sum_s, m_t, sum_t, cross)
+        m_s, sum_s, m_t, sum_t, cross = _pixel_chunk_stats(s, t, channel_mask, log2e_over_tau)
+        log2_zs, log2_zt, kl2 = _kl_from_stats(sum_s, sum_t, cross)
         _store_pixel_grads(
             grad_s_ptr, grad_t_ptr, gs_pixels, gt_pixels, gs_stride_c, gt_stride_c, channels, mask,
-            s2, t2, lse2_s, lse2_t, kl2 * _LN2, coef, STUDENT_GRAD, TEACHER_GRAD,
+            valid, s, t, m_s, log2_zs, m_t, log2_zt, kl2 * _LN2, coef, log2e_over_tau,
+            STUDENT_GRAD, TEACHER_GRAD,
         )
     else:
         m_s, sum_s, m_t, sum_t, cross = _pixel_stats(
             s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, C, pixel_mask,
             log2e_over_tau, BLOCK_P, BLOCK_C,
         )
-        lse2_s, lse2_t, kl2 = _kl_from_stats(m_s, sum_s, m_t, sum_t, cross)
+        log2_zs, log2_zt, kl2 = _kl_from_stats(sum_s, sum_t, cross)
         for c0 in range(0, C, BLOCK_C):
-            s2, t2, channels, _, mask = _load_pixel_chunk(
+            s, t, channels, _, mask = _load_pixel_chunk(
                 s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, c0, C, pixel_mask,
-                log2e_over_tau, BLOCK_C,
+                BLOCK_C,
             )
             _store_pixel_grads(
                 grad_s_ptr, grad_t_ptr, gs_pixels, gt_pixels, gs_stride_c, gt_stride_c, channels,
-                mask, s2, t2, lse2_s, lse2_t, kl2 * _LN2, coef, STUDENT_GRAD, TEACHER_GRAD,
+                mask, valid, s, t, m_s, log2_zs, m_t, log2_zt, kl2 * _LN2, coef, log2e_over_tau,
+                STUDENT_GRAD, TEACHER_GRAD,
             )
 
 
@@ -571,8 +630,9 @@ def _row_tiling(s: torch.Tensor, t: torch.Tensor, *, backward: bool) -> _RowTili
 def _channel_kl_forward(
     student: torch.Tensor, teacher: torch.Tensor, tau: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, row_stats): loss = τ²/(N·C) · Σ_rows KL, a float32 scalar; row_stats (N·C, 3)
-    float32 = per row [lse(s/τ), lse(t/τ), KL] over the L positions."""
+    """(loss, row_stats): loss = τ²/(N·C) · Σ_rows KL, a float32 scalar; row_stats (N·C, 5)
+    float32 = per row [max s, log z_s, max t, log z_t, KL] over the L positions (maxima raw,
+    z = Σ exp((x − max)/τ))."""
     _check_kernel_dtype("student", student)
     _check_kernel_dtype("teacher", teacher)
     s, t = _flatten(student), _flatten(teacher)
@@ -580,7 +640,7 @@ def _channel_kl_forward(
     num_rows = n * c
     tiling = _row_tiling(s, t, backward=False)
     partials = _new_buffer((5, num_rows, tiling.splits), torch.float32, s.device)
-    row_stats = _new_buffer((num_rows, 3), torch.float32, s.device)
+    row_stats = _new_buffer((num_rows, ROW_STATS), torch.float32, s.device)
     block_s = triton.next_power_of_2(tiling.splits)
     block_m = min(max(1, 1024 // block_s), triton.next_power_of_2(num_rows))
     with _device_guard(s):
@@ -592,11 +652,11 @@ def _channel_kl_forward(
             BLOCK_R=tiling.block_r, BLOCK_L=tiling.block_l, num_warps=tiling.num_warps,
         )
         _channel_kl_merge_kernel[(triton.cdiv(num_rows, block_m),)](
-            partials, row_stats, num_rows, tiling.splits,
+            partials, row_stats, num_rows, tiling.splits, LOG2E / tau,
             BLOCK_M=block_m, BLOCK_S=block_s, num_warps=4,
         )
     # A fixed-order reduction of the rows' KL: deterministic, unlike atomics.
-    loss = row_stats[:, 2].sum() * (tau * tau / num_rows)
+    loss = row_stats[:, 4].sum() * (tau * tau / num_rows)
     return loss, row_stats
 
 

@@ -25,9 +25,11 @@ def test_pairwise_affinity_detach_norm(detach_norm):
     assert relative_error(grad, grad64) <= 1e-5
 
 
-def test_pairwise_affinity_rejects_detach_norm():
-    with pytest.raises(TypeError, match="^detach_norm "):
-        losses.PairwiseAffinity(detach_norm="yes")
+def test_pairwise_affinity_defaults_to_skd_detached_norm():
+    s, t = randn((1, 4, 3, 3), 4).requires_grad_(True), randn((1, 4, 3, 3), 5)
+    (default,) = torch.autograd.grad(losses.PairwiseAffinity()(s, t), s)
+    (detached,) = torch.autograd.grad(losses.PairwiseAffinity(detach_norm=True)(s, t), s)
+    assert torch.equal(default, detached)
 
 
 def test_modules_use_the_fused_ops(monkeypatch):

@@ -47,6 +47,16 @@ def mmrazor_cwd(s, t, tau):
     return loss / (c * n)
 
 
+def cirkd_cwd(adapted_s, t, tau, student_channels):
+    """CIRKD CriterionCWD('channel', 'kl', tau): the KL summed over the adapted student's
+    channels, divided by N·C_s with C_s the student's width before the 1×1 conv."""
+    n, _, h, w = t.shape
+    p_t = F.softmax(t.reshape(n, -1, h * w) / tau, dim=2)
+    kl = p_t * (F.log_softmax(t.reshape(n, -1, h * w) / tau, dim=2)
+                - F.log_softmax(adapted_s.reshape(n, -1, h * w) / tau, dim=2))
+    return kl.sum() * tau**2 / (n * student_channels)
+
+
 def cirkd_at(s, t):
     def at(f):
         return F.normalize(f.pow(2).mean(1).view(f.size(0), -1))
@@ -81,15 +91,17 @@ def cirkd_ifv(feat_s, feat_t, target, num_classes):
     return F.mse_loss(cos_s, cos_t)
 
 
-def skd_pairwise(s, t, scale=None):
-    """SKD sim_dis_compute (after CriterionPairWiseforWholeFeatAfterPool's max-pool)."""
+def skd_pairwise(s, t, scale=None, detach_norm=True):
+    """SKD sim_dis_compute (after CriterionPairWiseforWholeFeatAfterPool's max-pool); SKD
+    divides by the detached norm, ``detach_norm=False`` differentiates through it."""
     if scale is not None:
         kernel = (int(s.shape[2] * scale), int(s.shape[3] * scale))
         s = F.max_pool2d(s, kernel, kernel, ceil_mode=True)
         t = F.max_pool2d(t, kernel, kernel, ceil_mode=True)
 
     def sim(f):
-        f = f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-12)
+        norm = f.pow(2).sum(1, keepdim=True).sqrt()
+        f = f / ((norm.detach() if detach_norm else norm) + 1e-12)
         f = f.flatten(2)
         return torch.einsum("icm,icn->imn", f, f)
 
@@ -163,9 +175,13 @@ def test_cwd_adapter_maps_student_channels_and_trains():
     module = losses.ChannelWiseDivergence(tau=4.0, student_channels=6, teacher_channels=4)
     assert module.adapter.weight.shape == (4, 6, 1, 1)
     s, t = _randn(2, 6, 5, 7, seed=5, grad=True), _randn(2, 4, 5, 7, seed=6)
+    t.requires_grad_(True)
     value = module(s, t)
-    assert torch.equal(value, kdops.channel_kl(module.adapter(s), t, 4.0))
+    # CIRKD CriterionCWD divides by the student's width (6) read before its conv, not by the 4
+    # channels channel_kl sums over (issue 12, bug 1).
+    assert relative_error(value, cirkd_cwd(module.adapter(s).double(), t.double(), 4.0, student_channels=6)) < TOL
     value.backward()
+    assert t.grad is None  # CIRKD detaches the teacher
     assert module.adapter.weight.grad is not None and module.adapter.weight.grad.abs().sum() > 0
     assert s.grad is not None
     assert losses.ChannelWiseDivergence(student_channels=4, teacher_channels=4).adapter is None
@@ -304,21 +320,52 @@ def test_ifvd_equals_cirkd():
 
 # -- correlation ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("scale", [pytest.param(None, id="full-resolution"), pytest.param(0.5, id="pooled-0.5")])
-def test_pairwise_affinity_equals_skd(scale):
-    s, t = _randn(2, 3, 6, 8, seed=1), _randn(2, 5, 6, 8, seed=2)
-    value = losses.PairwiseAffinity(loss_weight=10.0, pool_scale=scale)(s, t)
-    assert relative_error(value, 10.0 * skd_pairwise(s.double(), t.double(), scale)) < TOL
+@pytest.mark.parametrize("detach_norm", [pytest.param(True, id="skd-detached-norm"),
+                                         pytest.param(False, id="differentiated-norm")])
+def test_pairwise_affinity_equals_skd(scale, detach_norm):
+    s, t = _randn(2, 3, 6, 8, seed=1, grad=True), _randn(2, 5, 6, 8, seed=2, grad=True)
+    value = losses.PairwiseAffinity(loss_weight=10.0, pool_scale=scale, detach_norm=detach_norm)(s, t)
+    s64, t64 = s.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+    expected = 10.0 * skd_pairwise(s64, t64, scale, detach_norm)
+    assert relative_error(value, expected) < TOL
+    # issue 12, bug 2: the gradients too (SKD's detached norm changes them by ~100%)
+    grads = torch.autograd.grad(value, (s, t))
+    for g, e in zip(grads, torch.autograd.grad(expected, (s64, t64))):
+        assert relative_error(g, e) < TOL
 
 
-def test_ickd_equals_batch_loss_and_adapter_trains():
-    s, t = _randn(2, 5, 4, 6, seed=1, grad=True), _randn(2, 5, 4, 6, seed=2)
-    assert relative_error(losses.ICKD(5, 5)(s, t), ickd_batch_loss(s.double(), t.double())) < TOL
-    module = losses.ICKD(5, 3)
-    t3 = _randn(2, 3, 4, 6, seed=3)
-    value = module(s, t3)
-    assert relative_error(value, ickd_batch_loss(module.adapter(s).double(), t3.double())) < TOL
+def test_pairwise_affinity_defaults_to_skds_detached_norm():
+    assert losses.PairwiseAffinity().detach_norm is True
+
+
+def ickd_embed(x, weight, eps=1e-5):
+    """ICKD's Embed at initialisation (BatchNorm γ = 1, β = 0) in training mode: 1×1 conv,
+    then normalised by the batch statistics over (N, H, W) (biased variance)."""
+    y = torch.einsum("nchw,oc->nohw", x, weight)
+    mean = y.mean(dim=(0, 2, 3), keepdim=True)
+    var = (y - mean).pow(2).mean(dim=(0, 2, 3), keepdim=True)
+    return (y - mean) / torch.sqrt(var + eps)
+
+
+@pytest.mark.parametrize("widths", [pytest.param((5, 5), id="equal-widths"), pytest.param((5, 3), id="widths-differ")])
+def test_ickd_equals_batch_loss_with_embed_and_embed_trains(widths):
+    # issue 12, bug 3: ICKD embeds the student with Conv1×1 + BatchNorm always, equal widths too
+    module = losses.ICKD(*widths)
+    assert isinstance(module.adapter.l2norm, nn.BatchNorm2d) and module.adapter.conv2d.bias is None
+    s, t = _randn(2, widths[0], 4, 6, seed=1, grad=True), _randn(2, widths[1], 4, 6, seed=3)
+    value = module(s, t)
+    weight = module.adapter.conv2d.weight.detach().double()[:, :, 0, 0]
+    assert relative_error(value, ickd_batch_loss(ickd_embed(s.double(), weight), t.double())) < TOL
     value.backward()
-    assert module.adapter.weight.grad.abs().sum() > 0
+    assert module.adapter.conv2d.weight.grad.abs().sum() > 0
+    assert module.adapter.l2norm.weight.grad.abs().sum() > 0
+
+
+def test_ickd_without_widths_has_no_embed():
+    s, t = _randn(2, 5, 4, 6, seed=1), _randn(2, 5, 4, 6, seed=2)
+    module = losses.ICKD()
+    assert module.adapter is None
+    assert relative_error(module(s, t), ickd_batch_loss(s.double(), t.double())) < TOL
 
 
 def test_acfd_terms_equal_composition():

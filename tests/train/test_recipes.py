@@ -113,9 +113,10 @@ def test_recipe_trains_two_steps(name):
 
 def test_recipes_with_adapters_build_them_for_the_channel_gap():
     # Student fusion 24, teacher fusion 48: ICKD and ACFD need an adapter, APD projects.
-    for name, attribute in (("ickd", "adapter"), ("acfd", "fusion_adapter")):
+    # (ICKD's adapter is its Conv1×1 + BatchNorm embed.)
+    for name, attribute in (("ickd", "adapter.conv2d"), ("acfd", "fusion_adapter")):
         module = next(iter(_trainer(name).distiller.losses.values()))
-        assert getattr(module, attribute).weight.shape == (48, 24, 1, 1)
+        assert module.get_submodule(attribute).weight.shape == (48, 24, 1, 1)
     apd = next(iter(_trainer("apd").distiller.losses.values()))
     assert isinstance(apd, losses.AdaptivePerspectiveDistillation)
     assert apd.student_projection[0].in_channels == 24 and apd.student_projection[-1].out_channels == 48
