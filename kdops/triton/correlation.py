@@ -491,14 +491,26 @@ def _flatten(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
-def _grad_buffer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gradient laid out as empty_like(x), as the fake kernels promise; its (N, C, L) view).
+class _GradBuffer:
+    """The gradient of x laid out as empty_like(x) (what the fake kernels promise), and the
+    (N, C, L) tensor the kernels write: its view when the spatial dims merge, else a contiguous
+    buffer that finish() copies in (e.g. H and W strides swapped)."""
 
-    empty_like keeps a dense layout (contiguous, channels_last) whose spatial dims always merge."""
-    grad = torch.empty_like(x)
-    if _POISON_OUTPUTS:
-        grad.fill_(float("nan"))
-    return grad, grad.view(x.shape[0], x.shape[1], -1)
+    def __init__(self, x: torch.Tensor):
+        self.result = torch.empty_like(x)
+        if _POISON_OUTPUTS:
+            self.result.fill_(float("nan"))
+        try:
+            self.flat = self.result.view(x.shape[0], x.shape[1], -1)
+            self.copy = False
+        except RuntimeError:
+            self.flat = _new_buffer((x.shape[0], x.shape[1], self.result[0, 0].numel()), x.dtype, x.device)
+            self.copy = True
+
+    def finish(self) -> torch.Tensor:
+        if self.copy:
+            self.result.copy_(self.flat.view(self.result.shape))
+        return self.result
 
 
 def _device_guard(x: torch.Tensor):
@@ -594,7 +606,8 @@ def _pairwise_backward(grad_loss, student, teacher, norms, detach_norm, student_
             if not wanted:
                 outs.append(none)
                 continue
-            grad, grad_flat = _grad_buffer(x_in)
+            buffer = _GradBuffer(x_in)
+            grad_flat = buffer.flat
             channels = x.shape[1]
             target = grad_flat if detach_norm else _new_buffer((n, channels, length), torch.float32, x.device)
             grid = (n, triton.cdiv(channels, b["block"]), triton.cdiv(length, b["block_l"]))
@@ -609,7 +622,7 @@ def _pairwise_backward(grad_loss, student, teacher, norms, detach_norm, student_
                     x, target, norms[:, which], grad_flat, channels, length, *x.stride(),
                     *grad_flat.stride(), BLOCK_C=16, BLOCK_L=64,
                 )
-            outs.append(grad)
+            outs.append(buffer.finish())
     return outs[0], outs[1]
 
 
@@ -673,14 +686,15 @@ def _correlation_loss_backward(grad_loss, student, teacher, norm, student_requir
             if not wanted:
                 outs.append(none)
                 continue
-            grad, grad_flat = _grad_buffer(x_in)
+            buffer = _GradBuffer(x_in)
+            grad_flat = buffer.flat
             length = x.shape[2]
             grid = (n, triton.cdiv(c, b["block"]), triton.cdiv(length, b["block_l"]))
             _symmetric_product_kernel[grid](
                 half, x, grad_flat, c, length, *x.stride(), *grad_flat.stride(),
                 BLOCK_M=b["block"], BLOCK_K=b["block"], BLOCK_L=b["block_l"], PRECISION=_precision(),
             )
-            outs.append(grad)
+            outs.append(buffer.finish())
     return outs[0], outs[1]
 
 
@@ -715,13 +729,14 @@ def _channel_correlation_backward(grad_gram, x, gram, row_norms, norm):
             grad_gram, gram.contiguous(), row_norms.contiguous(), half, c, 1.0 / length,
             *grad_gram.stride(), NORM=_NORM_CODES[norm], BLOCK_C=b["block_rows"],
         )
-        grad, grad_flat = _grad_buffer(x)
+        buffer = _GradBuffer(x)
+        grad_flat = buffer.flat
         grid = (n, triton.cdiv(c, b["block"]), triton.cdiv(length, b["block_l"]))
         _symmetric_product_kernel[grid](
             half, flat, grad_flat, c, length, *flat.stride(), *grad_flat.stride(),
             BLOCK_M=b["block"], BLOCK_K=b["block"], BLOCK_L=b["block_l"], PRECISION=_precision(),
         )
-    return grad
+    return buffer.finish()
 
 
 # ---------------------------------------------------------------------------------------------
