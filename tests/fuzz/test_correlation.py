@@ -104,7 +104,7 @@ def gram_loss_condition(s, t, option, weights):
     # A float32 product sums L terms: round-off up to ~√L·u of their magnitudes.
     sum_length = math.sqrt(max(xs.shape[2], xt.shape[2]))
     if xs.shape[2] == xt.shape[2]:
-        k_dg = sum_length * ((xs + xt).abs() @ (xs - xt).abs().transpose(1, 2)) + gs.abs() * U32
+        k_dg = sum_length * ((xs + xt).abs() @ (xs - xt).abs().transpose(1, 2))
     else:
         k_dg = sum_length * (xs.abs() @ xs.abs().transpose(1, 2) + xt.abs() @ xt.abs().transpose(1, 2))
     rs = gs.norm(dim=2, keepdim=True).clamp_min(NORM_EPS)
@@ -112,13 +112,22 @@ def gram_loss_condition(s, t, option, weights):
     if option == "row":
         rows_s, rows_t = gs / rs, gt / rt
         diff = rows_s - rows_t
-        k_diff = (k_dg + (gs - gt).abs() + gt.abs() * (rs - rt).abs() / rt) / rs
+        # … plus one round-off of R_s, R_t themselves (entries of size |G|/r): the row norms'
+        # difference is formed without cancelling, but G_t·(r_s − r_t)/(r_s r_t) and ΔG/r_s are
+        # each of the size of R where a row turns without changing length.
+        k_diff = (k_dg + (gs - gt).abs() + gt.abs() * (rs - rt).abs() / rt) / rs + rows_s.abs() + rows_t.abs()
     elif option == "l":
         diff = gs / xs.shape[2] - gt / xt.shape[2]
         k_diff = k_dg / min(xs.shape[2], xt.shape[2])
     else:
         diff = gs - gt
         k_diff = k_dg
+    # The oracle subtracts the two Grams in float64: its own round-off (what decides for float64
+    # inputs; ~1e-9 of the float32 u otherwise).
+    length_s = xs.shape[2] if option == "l" else 1.0
+    length_t = xt.shape[2] if option == "l" else 1.0
+    k_diff = k_diff + f64_in_u(s.dtype) * (gs.abs() / (rs if option == "row" else length_s)
+                                          + gt.abs() / (rt if option == "row" else length_t))
     w = float(abs(weights))
     loss_k = (2 * diff.abs() * k_diff + U32 * k_diff.square()).sum().item() * w / (n * c)
     y, k_y = 2 * w * diff / (n * c), 2 * w * (k_diff + diff.abs()) / (n * c)
@@ -266,7 +275,7 @@ def fuzz(op, device, backend):
 
     # CI profile: each example runs forward and backward twice plus a float64 oracle; the CPU
     # kernels' examples cost ~0.1 s, the interpreted Triton ones ~1 s.
-    @fz.examples(backend, default={"reference": 40, "cpu": 40, "cuda": 40, "triton": 6}[backend])
+    @fz.examples(backend, default={"reference": 20, "cpu": 25, "cuda": 40, "triton": 6}[backend])
     @given(data=st.data())
     def check(data):
         dtype, s, t = data.draw(features(backend, op=op))
