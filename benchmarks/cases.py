@@ -259,16 +259,50 @@ def prototype_cases(device: str, dtype: torch.dtype) -> list[Case]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Upstream formulations, written plainly in float32 PyTorch as their users run them (the math of
+# the papers' code; kdops' targets are stated against these, eager and torch.compile).
+
+
+def ickd_batch_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """ICKD ``batch_loss``: row-normalised channel Grams (bmm), Σ (G_s − G_t)² / (C·N)."""
+    bsz, ch = f_s.shape[0], f_s.shape[1]
+    f_s = f_s.view(bsz, ch, -1)
+    f_t = f_t.view(bsz, ch, -1)
+    gram_s = torch.nn.functional.normalize(torch.bmm(f_s, f_s.permute(0, 2, 1)), dim=2)
+    gram_t = torch.nn.functional.normalize(torch.bmm(f_t, f_t.permute(0, 2, 1)), dim=2)
+    diff = gram_s - gram_t
+    return (diff * diff).view(bsz, -1).sum() / (ch * bsz)
+
+
+def _skd_similarity(feat: torch.Tensor) -> torch.Tensor:
+    feat = feat.float()
+    norm = (feat.pow(2).sum(dim=1, keepdim=True)).sqrt().detach() + 1e-8
+    feat = (feat / norm).reshape(feat.shape[0], feat.shape[1], -1)
+    return torch.einsum("icm,icn->imn", feat, feat)
+
+
+def skd_sim_dis_compute(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """SKD ``sim_dis_compute`` at full resolution: the L × L affinities of both, per-pixel norm
+    detached, Σ (A_t − A_s)² / L² / N."""
+    length = f_t.shape[-1] * f_t.shape[-2]
+    err = (_skd_similarity(f_t) - _skd_similarity(f_s)).pow(2) / length**2 / f_t.shape[0]
+    return err.sum()
+
+
 def cases(device: str, dtypes: list[torch.dtype]) -> list[Case]:
     out: list[Case] = []
 
-    def add(op, shape, dtype, make, ref, public):
+    def add(op, shape, dtype, make, ref, public, baseline=None):
         tensor_bytes = _nbytes(shape, dtype)
+        # A case against an upstream formulation (its "eager" and "compile" variants run the
+        # upstream code) says so in its name and shape column; op stays the kdops op it measures.
+        shape_label = _shape_name(shape) + (f" vs {baseline}" if baseline else "")
         # Minimal traffic of a fused loss of two same-shape inputs: forward reads both;
         # forward+backward reads both twice and writes the student's gradient once.
         out.append(Case(
-            name=f"{op}[{_shape_name(shape)},{str(dtype).removeprefix('torch.')}]",
-            op=op, shape=_shape_name(shape), dtype=dtype, make_inputs=make,
+            name=f"{op}[{shape_label},{str(dtype).removeprefix('torch.')}]",
+            op=op, shape=shape_label, dtype=dtype, make_inputs=make,
             reference=ref, public=public,
             bytes_fwd=2 * tensor_bytes, bytes_fwd_bwd=5 * tensor_bytes,
         ))
@@ -318,5 +352,13 @@ def cases(device: str, dtypes: list[torch.dtype]) -> list[Case]:
             add("pairwise_affinity_loss", shape, dtype, _pair(shape),
                 lambda s, t: ref_correlation.pairwise_affinity_loss(s, t),
                 lambda s, t, backend: kdops.pairwise_affinity_loss(s, t, backend=backend))
+            # The upstream formulations against the matching kdops calls: "eager"/"compile" run
+            # the upstream code here, not kdops' reference.
+            add("channel_correlation_loss", shape, dtype, _pair(shape), ickd_batch_loss,
+                lambda s, t, backend: kdops.channel_correlation_loss(s, t, "row", backend=backend),
+                baseline="ICKD batch_loss")
+            add("pairwise_affinity_loss", shape, dtype, _pair(shape), skd_sim_dis_compute,
+                lambda s, t, backend: kdops.pairwise_affinity_loss(s, t, True, backend=backend),
+                baseline="SKD sim_dis_compute")
         out += prototype_cases(device, dtype)
     return out

@@ -110,4 +110,28 @@ TORCH_LIBRARY(kdops, m) {
       "Tensor labels, Tensor student_protos, Tensor teacher_protos, Tensor counts, "
       "int ignore_index, bool student_requires_grad, bool teacher_requires_grad) "
       "-> (Tensor grad_student, Tensor grad_teacher)");
+
+  // Channel correlations (kdops/ops/correlation.py). x, student, teacher: (N, C, *spatial).
+  // channel_correlation: gram (N, C, C) normalised per norm ("row" | "l" | "none") and row_norms
+  // (N, C), the L2 norms of the raw Gram's rows. pairwise_affinity_loss: loss and norms (N, 2, L),
+  // the per-pixel channel norms of student and teacher (float64). The rest in float32 (float64
+  // for float64 inputs). The backward ops recompute the Gram matrices; they return an empty tensor for a
+  // gradient not requested. detach_norm: the per-pixel norm is a constant for the gradient (the
+  // forward op takes it only for its autograd formula; the loss does not depend on it).
+  m.def("channel_correlation(Tensor x, str norm) -> (Tensor gram, Tensor row_norms)");
+  m.def(
+      "channel_correlation_backward(Tensor grad_gram, Tensor x, Tensor gram, Tensor row_norms, "
+      "str norm) -> Tensor grad_x");
+  m.def("channel_correlation_loss(Tensor student, Tensor teacher, str norm) -> Tensor loss");
+  m.def(
+      "channel_correlation_loss_backward(Tensor grad_loss, Tensor student, Tensor teacher, "
+      "str norm, bool student_requires_grad, bool teacher_requires_grad) "
+      "-> (Tensor grad_student, Tensor grad_teacher)");
+  m.def(
+      "pairwise_affinity_loss(Tensor student, Tensor teacher, bool detach_norm) "
+      "-> (Tensor loss, Tensor norms)");
+  m.def(
+      "pairwise_affinity_loss_backward(Tensor grad_loss, Tensor student, Tensor teacher, "
+      "Tensor norms, bool detach_norm, bool student_requires_grad, bool teacher_requires_grad) "
+      "-> (Tensor grad_student, Tensor grad_teacher)");
 }

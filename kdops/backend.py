@@ -147,9 +147,27 @@ OPS: dict[str, OpSpec] = {
             cpu="kdops.ops.prototypes:_class_variation_loss_extension",
             triton="kdops.triton.prototypes:class_variation_loss",
         ),
-        OpSpec("channel_correlation", _ref("correlation", "channel_correlation")),
-        OpSpec("channel_correlation_loss", _ref("correlation", "channel_correlation_loss")),
-        OpSpec("pairwise_affinity_loss", _ref("correlation", "pairwise_affinity_loss")),
+        OpSpec(
+            "channel_correlation",
+            _ref("correlation", "channel_correlation"),
+            cpu="kdops.ops.correlation:_channel_correlation_extension",
+            cuda="kdops.ops.correlation:_channel_correlation_extension",
+            triton="kdops.triton.correlation:channel_correlation",
+        ),
+        OpSpec(
+            "channel_correlation_loss",
+            _ref("correlation", "channel_correlation_loss"),
+            cpu="kdops.ops.correlation:_channel_correlation_loss_extension",
+            cuda="kdops.ops.correlation:_channel_correlation_loss_extension",
+            triton="kdops.triton.correlation:channel_correlation_loss",
+        ),
+        OpSpec(
+            "pairwise_affinity_loss",
+            _ref("correlation", "pairwise_affinity_loss"),
+            cpu="kdops.ops.correlation:_pairwise_affinity_loss_extension",
+            cuda="kdops.ops.correlation:_pairwise_affinity_loss_extension",
+            triton="kdops.triton.correlation:pairwise_affinity_loss",
+        ),
     )
 }
 

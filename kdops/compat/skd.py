@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import kdops
 from kdops import _checks
 from kdops.compat._common import pick, same_spatial
-from kdops.losses._common import like, pairwise_affinity
+from kdops.losses._common import like
 
 __all__ = ["CriterionPairWiseforWholeFeatAfterPool", "CriterionPixelWise"]
 
@@ -86,4 +86,4 @@ class CriterionPairWiseforWholeFeatAfterPool(nn.Module):
             )
         student = F.max_pool2d(feat_S, kernel, kernel, ceil_mode=True)
         teacher = F.max_pool2d(like(feat_T, feat_S), kernel, kernel, ceil_mode=True)
-        return pairwise_affinity(student, teacher, True, self.backend)
+        return kdops.pairwise_affinity_loss(student, teacher, detach_norm=True, backend=self.backend)

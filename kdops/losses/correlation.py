@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import kdops
 from kdops import _checks
-from kdops.losses._common import ICKDEmbed, conv1x1_adapter, like, pairwise_affinity, weight_arg
+from kdops.losses._common import ICKDEmbed, conv1x1_adapter, like, weight_arg
 
 
 class PairwiseAffinity(nn.Module):
@@ -43,10 +43,12 @@ class PairwiseAffinity(nn.Module):
         teacher = like(teacher, student)
         if self.pool_scale is not None:
             student, teacher = self._pool(student), self._pool(teacher)
-        return self.loss_weight * pairwise_affinity(student, teacher, self.detach_norm, self.backend)
+        return self.loss_weight * kdops.pairwise_affinity_loss(
+            student, teacher, detach_norm=self.detach_norm, backend=self.backend
+        )
 
     def extra_repr(self) -> str:
-        return f"loss_weight={self.loss_weight}, pool_scale={self.pool_scale}"
+        return f"loss_weight={self.loss_weight}, pool_scale={self.pool_scale}, detach_norm={self.detach_norm}"
 
 
 class ICKD(nn.Module):

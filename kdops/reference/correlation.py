@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kdops.reference._common import accumulation_dtype, normalize
+from kdops.reference._common import NORM_EPS, accumulation_dtype, normalize
 
 # "row": each row of G divided by max(its L2 norm, 1e-12) (ICKD); "l": G / L; "none": G.
 NORMS = ("row", "l", "none")
@@ -64,22 +64,34 @@ def channel_correlation_loss(
     return (diff.square().sum() / (n * c)).to(accumulation_dtype(student))
 
 
-def pairwise_affinity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def pairwise_affinity_loss(
+    student: torch.Tensor, teacher: torch.Tensor, detach_norm: bool = False
+) -> torch.Tensor:
     """SKD pair-wise distillation loss: Σ (A_s − A_t)² / (N·L²).
 
     student: (N, C_s, *spatial), teacher: (N, C_t, *spatial). x̂ = x / max(‖x‖₂, 1e-12) over
     channels at each position; A = X̂ᵀ X̂ is the L × L cosine affinity of positions.
+    ``detach_norm=True``: the per-pixel norm is a constant for the gradient (SKD's code divides
+    by ``L2(feat).detach()``); the loss is the same.
     No L × L matrix is formed: with the C × C products S = X̂_s X̂_sᵀ, M = X̂_t X̂_sᵀ and
     T = X̂_t X̂_tᵀ, Σ (A_s − A_t)² = ‖S‖²_F − 2‖M‖²_F + ‖T‖²_F (trace identities), so memory
     is O(N·C² + N·C·L). The three terms are of order L²/C and nearly cancel when the student is
     close to the teacher, hence float64. Returns a scalar in the accumulation dtype.
     """
     n = student.shape[0]
-    s = normalize(_features64(student), dim=1)
-    t = normalize(_features64(teacher), dim=1)
+    s = _normalize_pixels(_features64(student), detach_norm)
+    t = _normalize_pixels(_features64(teacher), detach_norm)
     length = s.shape[2]
     student_term = (s @ s.transpose(1, 2)).square().sum()
     cross_term = (t @ s.transpose(1, 2)).square().sum()
     teacher_term = (t @ t.transpose(1, 2)).square().sum()
     total = student_term - 2.0 * cross_term + teacher_term
     return (total / (n * length * length)).to(accumulation_dtype(student))
+
+
+def _normalize_pixels(features: torch.Tensor, detach_norm: bool) -> torch.Tensor:
+    """features (N, C, L) / max(‖·‖₂ over C, 1e-12) per position; the norm detached on request."""
+    if not detach_norm:
+        return normalize(features, dim=1)
+    norms = features.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    return features / norms.detach()

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kdops
 from kdops.compat import skd
-from kdops.losses._common import detached_norm_affinity_loss
 from tests.compat.helpers import (DEVICES, PRECISIONS, assert_backends_agree, assert_matches, defaults, parameter_names,
                                   randn)
 
@@ -62,18 +62,15 @@ def test_pair_wise(dtype, tol, scale, size):
 
 
 @pytest.mark.parametrize("dtype,tol", PRECISIONS)
-def test_detached_norm_fallback_equals_formula(dtype, tol):
-    # kdops.losses._common computes the detached-norm loss itself until the op takes
-    # detach_norm; it must hold whichever path the op's signature selects.
+def test_detached_norm_op_equals_formula(dtype, tol):
     inputs = [randn(2, 3, 4, 5, seed=1), randn(2, 4, 4, 5, seed=2)]
-    assert_matches(detached_norm_affinity_loss, lambda s, t: pair_wise_formula(s, t, 0.25), inputs, dtype, tol)
+    assert_matches(lambda s, t: kdops.pairwise_affinity_loss(s, t, detach_norm=True), lambda s, t: pair_wise_formula(s, t, 0.25), inputs, dtype, tol)
 
 
 def test_detached_norm_changes_the_gradient():
     # the ~100% gradient gap of issue 12, bug 2: the test above can tell the two apart
     s, t = randn(2, 3, 4, 4, seed=1).requires_grad_(), randn(2, 3, 4, 4, seed=2)
-    import kdops
-    detached = torch.autograd.grad(detached_norm_affinity_loss(s, t), s)[0]
+    detached = torch.autograd.grad(kdops.pairwise_affinity_loss(s, t, detach_norm=True), s)[0]
     through = torch.autograd.grad(kdops.pairwise_affinity_loss(s, t, backend="reference"), s)[0]
     assert (detached - through).norm() > 0.1 * through.norm()
 
@@ -119,26 +116,3 @@ def test_fused_backends_equal_reference(device):
 
     assert_backends_agree(with_backend(pixel), [randn(2, 5, 4, 6, seed=1), randn(2, 5, 4, 6, seed=2)], device)
     assert_backends_agree(with_backend(pair), [randn(2, 4, 4, 6, seed=1), randn(2, 3, 4, 6, seed=2)], device)
-
-
-def test_detached_norm_goes_to_the_op_once_it_takes_detach_norm(monkeypatch):
-    # The correlation family adds pairwise_affinity_loss(..., detach_norm=...); from then on the
-    # drop-in calls the op (fused backends) instead of computing the loss itself.
-    import kdops
-    from kdops.losses import _common
-
-    calls = []
-
-    def op_with_detach_norm(student, teacher, detach_norm=False, *, backend=None):
-        calls.append((detach_norm, backend))
-        return detached_norm_affinity_loss(student, teacher)
-
-    monkeypatch.setattr(kdops, "pairwise_affinity_loss", op_with_detach_norm)
-    _common._pairwise_op_takes_detach_norm.cache_clear()
-    try:
-        module = skd.CriterionPairWiseforWholeFeatAfterPool(0.5, 0, backend="reference")
-        module([randn(1, 2, 4, 4, seed=1)], [randn(1, 3, 4, 4, seed=2)])
-    finally:
-        monkeypatch.undo()
-        _common._pairwise_op_takes_detach_norm.cache_clear()
-    assert calls == [(True, "reference")]
