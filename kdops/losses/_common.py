@@ -1,7 +1,6 @@
 """Small helpers shared by the loss modules."""
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
