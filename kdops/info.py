@@ -47,17 +47,19 @@ OP_DOCS: dict[str, tuple[str, str, str]] = {
                             "ReLU(W x + b) normalised per (n, k) over H·W",
                             "CAMD (Grad-CAM of a 1×1 classifier)"),
     "class_attention_loss": ("class_attention_loss(s, t, ws, wt, bs, bt, norm)", "mean (M_s − M_t)²", "CAMD"),
-    "prototype_pool": ("prototype_pool(x, labels, K, ignore_index, per_image)",
-                       "per-class mean feature and pixel count", "APD, IFVD class centres"),
+    "prototype_pool": ("prototype_pool(x, labels, K, ignore_index, per_image, normalize_features)",
+                       "per-class mean feature (of x or of x/‖x‖) and pixel count", "APD, IFVD class centres"),
     "prototype_kl": ("prototype_kl(s, t, Ps, Pt, counts, tau)",
                      "mean over pixels of KL(softmax(cos(t̂, P̂t)/τ) ‖ softmax(cos(ŝ, P̂s)/τ))", "APD observation KL"),
     "class_variation_loss": ("class_variation_loss(s, t, labels, K, ignore_index)",
                              "mean (cos(s, P_s[y]) − cos(t, P_t[y]))²", "IFVD `CriterionIFV`"),
     "channel_correlation": ("channel_correlation(x, norm)", "G = X Xᵀ, rows L2-normalised (or / L)", "ICKD"),
-    "channel_correlation_loss": ("channel_correlation_loss(s, t, norm)", "Σ (G_s − G_t)² / (N·C)", "ICKD"),
-    "pairwise_affinity_loss": ("pairwise_affinity_loss(s, t)",
-                               "Σ (X̂_sᵀX̂_s − X̂_tᵀX̂_t)² / (N·L²) via C×C Gram identities",
-                               "SKD pair-wise (on the features as given: SKD max-pools them first)"),
+    "channel_correlation_loss": ("channel_correlation_loss(s, t, norm)", "Σ (G_s − G_t)² / (N·C)",
+                                 "ICKD `batch_loss`"),
+    "pairwise_affinity_loss": ("pairwise_affinity_loss(s, t, detach_norm=False)",
+                               "Σ (X̂_sᵀX̂_s − X̂_tᵀX̂_t)² / (N·L²) via C×C products, no L×L matrix larger than C×C",
+                               "SKD `sim_dis_compute` with `detach_norm=True` (on the features as given: "
+                               "SKD max-pools them first)"),
 }
 
 README_COLUMNS = ("reference", "cpu", "cuda", "triton")
