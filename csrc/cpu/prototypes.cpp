@@ -38,15 +38,13 @@
 
 #include "common/prototypes.h"
 #include "common/tensor_layout.h"
+#include "cpu/vec_io.h"
 
 namespace kdops {
 namespace cpu {
 namespace {
 
 using at::Tensor;
-
-template <typename scalar_t>
-using acc_t = at::opmath_type<scalar_t>;  // float for 16/32-bit inputs, double for float64
 
 constexpr int64_t kTile = 32;          // pixels per tile
 constexpr int64_t kChannelBlock = 16;  // channels per prototype_pool work unit

@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "common/softmax_kl.h"
+#include "cuda/convert.cuh"
 #include "cuda/softmax_kl.h"
 
 namespace kdops {
@@ -46,36 +47,6 @@ using RowStats = KLRowStats<float>;
 
 // ---------------------------------------------------------------------------------------------
 // Element access
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) {
-  return __half2float(x);
-}
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 // Elements per 16-byte vector: 4 floats or 8 16-bit values.
 template <typename T>

@@ -27,22 +27,21 @@ kernels and autograd registered by :mod:`kdops.ops.attention`, the same way as f
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from kdops.ops.attention import fused_backend_functions, register_attention_ops
+from kdops.triton import _launch
+from kdops.triton._launch import check_kernel_dtype, device_guard, flatten, grad_buffers, new_buffer
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
-# Test hooks. With _POISON_OUTPUTS every buffer a launcher allocates starts as NaN, so a test
+# Test hooks. With kdops.triton._launch.POISON_OUTPUTS every buffer a launcher allocates
+# starts as NaN, so a test
 # proves that every element is written. _LAUNCH_OVERRIDES replaces block sizes (keys
 # "reduce_block_c", "reduce_block_l", "class_block_k", "class_block_c", "class_block_l") so small
 # test inputs cross blocks.
-_POISON_OUTPUTS = False
 _LAUNCH_OVERRIDES: dict[str, int] = {}
 
 # PowerKind of csrc/common/attention.h: the exponents with a pow-free form.
@@ -252,45 +251,9 @@ def _class_grad_w_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_kernel_dtype(name: str, x: torch.Tensor) -> None:
-    if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"{name}: the Triton kernels take float32, float16 or bfloat16, got {x.dtype}")
-
-
 def _check_p(p: float) -> None:
     if not (p > 0 and p < float("inf")):
         raise ValueError(f"p must be finite and > 0, got {p}")
-
-
-def _new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty, or a poisoned buffer under the test hook _POISON_OUTPUTS."""
-    buffer = torch.empty(shape, dtype=dtype, device=device)
-    if _POISON_OUTPUTS:
-        buffer.fill_(float("nan"))
-    return buffer
-
-
-def _flatten(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, *spatial) → (N, C, L): a view when the spatial dims merge, else one copy."""
-    return x.reshape(x.shape[0], x.shape[1], -1)
-
-
-def _grad_buffer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gradient of x shaped like x, its (N, C, L) view that a kernel writes): channels-last
-    when x is (stride 1 over C), contiguous otherwise — what empty_like(x) gives for the
-    layouts the kernels read without a copy."""
-    flat = _flatten(x)
-    n, c, length = flat.shape
-    if flat.stride(1) == 1 and flat.stride(2) != 1:
-        grad_flat = _new_buffer((n, length, c), x.dtype, x.device).permute(0, 2, 1)
-    else:
-        grad_flat = _new_buffer((n, c, length), x.dtype, x.device)
-    return grad_flat.view(x.shape), grad_flat
-
-
-def _device_guard(x: torch.Tensor):
-    """Launch on x's GPU: Triton launches on the current device."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _block(name: str, default: int) -> int:
@@ -302,7 +265,7 @@ def _check_features(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must have shape (N, C, *spatial), got {tuple(x.shape)}")
     if x.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
-    _check_kernel_dtype(name, x)
+    check_kernel_dtype(name, x)
 
 
 def _reduce_blocks(flat: torch.Tensor) -> tuple[int, int]:
@@ -316,11 +279,11 @@ def _reduce_blocks(flat: torch.Tensor) -> tuple[int, int]:
 def _attention_reduce(x: torch.Tensor, p: float, mean: bool) -> torch.Tensor:
     _check_features("x", x)
     _check_p(p)
-    flat = _flatten(x)
+    flat = flatten(x)
     n, c, length = flat.shape
-    out = _new_buffer((n, *x.shape[2:]), torch.float32, x.device)
+    out = new_buffer((n, *x.shape[2:]), torch.float32, x.device)
     block_c, block_l = _reduce_blocks(flat)
-    with _device_guard(x):
+    with device_guard(x):
         _attention_reduce_kernel[(n, triton.cdiv(length, block_l))](
             flat, out, c, length, *flat.stride(), float(p), 1.0 / c if mean else 1.0,
             KIND=_power_kind(p), BLOCK_C=block_c, BLOCK_L=block_l,
@@ -334,12 +297,12 @@ def _attention_reduce_backward(grad_map: torch.Tensor, x: torch.Tensor, p: float
     expected = (x.shape[0], *x.shape[2:])
     if tuple(grad_map.shape) != expected:
         raise ValueError(f"grad_map must have the map's shape {expected}, got {tuple(grad_map.shape)}")
-    flat = _flatten(x)
+    flat = flatten(x)
     n, c, length = flat.shape
     g = grad_map.to(torch.float32).contiguous()
-    grad_x, grad_flat = _grad_buffer(x)
+    grad_x, grad_flat = grad_buffers(x)
     block_c, block_l = _reduce_blocks(flat)
-    with _device_guard(x):
+    with device_guard(x):
         _attention_reduce_backward_kernel[(n, triton.cdiv(length, block_l), triton.cdiv(c, block_c))](
             g, flat, grad_flat, c, length, *flat.stride(), *grad_flat.stride(), float(p),
             1.0 / c if mean else 1.0, KIND=_power_kind(p), BLOCK_C=block_c, BLOCK_L=block_l,
@@ -368,13 +331,13 @@ def _check_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def _class_attention_scores(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     _check_features("x", x)
     _check_weight(x, weight, bias)
-    flat = _flatten(x)
+    flat = flatten(x)
     n, c, length = flat.shape
     k = weight.shape[0]
-    out = _new_buffer((n, k, *x.shape[2:]), torch.float32, x.device)
+    out = new_buffer((n, k, *x.shape[2:]), torch.float32, x.device)
     low = _TL_DTYPES[x.dtype]
     block_k, block_c, block_l = _class_blocks(low)
-    with _device_guard(x):
+    with device_guard(x):
         _class_scores_kernel[(n, triton.cdiv(length, block_l), triton.cdiv(k, block_k))](
             flat, weight, bias if bias is not None else weight, out, k, c, length, *flat.stride(),
             *weight.stride(), HAS_BIAS=bias is not None, LOW=low, EXACT_F32_DOT=_exact_f32_dot(x),
@@ -389,7 +352,7 @@ def _class_attention_scores_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_features("x", x)
     _check_weight(x, weight, None)
-    flat = _flatten(x)
+    flat = flatten(x)
     n, c, length = flat.shape
     k = weight.shape[0]
     # g' = g·[R > 0]: the gradient through the ReLU (ReLU'(0) = 0), map-sized.
@@ -398,15 +361,15 @@ def _class_attention_scores_backward(
     block_k, block_c, block_l = _class_blocks(low)
     # An empty tensor of its own for each gradient not requested (outputs must not alias).
     grad_x, grad_w, grad_b = x.new_empty((0,)), x.new_empty((0,)), x.new_empty((0,))
-    with _device_guard(x):
+    with device_guard(x):
         if x_requires_grad:
-            grad_x, grad_flat = _grad_buffer(x)
+            grad_x, grad_flat = grad_buffers(x)
             _class_grad_x_kernel[(n, triton.cdiv(length, block_l), triton.cdiv(c, block_c))](
                 g, weight, grad_flat, k, c, length, *weight.stride(), *grad_flat.stride(),
                 LOW=low, EXACT_F32_DOT=_exact_f32_dot(x), BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_L=block_l,
             )
         if weight_requires_grad:
-            partial = _new_buffer((n, k, c), torch.float32, x.device)
+            partial = new_buffer((n, k, c), torch.float32, x.device)
             _class_grad_w_kernel[(triton.cdiv(k, block_k), triton.cdiv(c, block_c), n)](
                 g, flat, partial, k, c, length, *flat.stride(),
                 LOW=low, EXACT_F32_DOT=_exact_f32_dot(x), BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_L=block_l,

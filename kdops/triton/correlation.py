@@ -28,23 +28,22 @@ Saved for backward: inputs, per-pixel norms (pairwise) and the output and row no
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from kdops.backend import triton_interpreting
 from kdops.ops.correlation import register_correlation_ops
+from kdops.triton import _launch
+from kdops.triton._launch import check_kernel_dtype, device_guard, flatten, new_buffer
 
 _NORM_EPS = tl.constexpr(1e-12)
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NORM_CODES = {"row": 0, "l": 1, "none": 2}
 
-# Test hooks. With _POISON_OUTPUTS every buffer a launcher allocates starts as NaN, so a test
+# Test hooks. With kdops.triton._launch.POISON_OUTPUTS every buffer a launcher allocates
+# starts as NaN, so a test
 # proves that every element is written. _LAUNCH_OVERRIDES replaces the tile sizes ("block",
 # "block_l", "block_rows") so small test inputs cross several tiles.
-_POISON_OUTPUTS = False
 _LAUNCH_OVERRIDES: dict[str, int] = {}
 
 
@@ -473,24 +472,6 @@ def _gram_rows_backward_kernel(grad_ptr, out_ptr, norms_ptr, half_ptr, C, inv_le
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_kernel_dtype(name: str, x: torch.Tensor) -> None:
-    if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"{name}: the Triton kernels take float32, float16 or bfloat16, got {x.dtype}")
-
-
-def _new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty, or a NaN-filled buffer under the test hook _POISON_OUTPUTS."""
-    buffer = torch.empty(shape, dtype=dtype, device=device)
-    if _POISON_OUTPUTS:
-        buffer.fill_(float("nan"))
-    return buffer
-
-
-def _flatten(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, *spatial) → (N, C, L): a view when the spatial dims merge, else one copy."""
-    return x.reshape(x.shape[0], x.shape[1], -1)
-
-
 class _GradBuffer:
     """The gradient of x laid out as empty_like(x) (what the fake kernels promise), and the
     (N, C, L) tensor the kernels write: its view when the spatial dims merge, else a contiguous
@@ -498,23 +479,19 @@ class _GradBuffer:
 
     def __init__(self, x: torch.Tensor):
         self.result = torch.empty_like(x)
-        if _POISON_OUTPUTS:
+        if _launch.POISON_OUTPUTS:
             self.result.fill_(float("nan"))
         try:
             self.flat = self.result.view(x.shape[0], x.shape[1], -1)
             self.copy = False
         except RuntimeError:
-            self.flat = _new_buffer((x.shape[0], x.shape[1], self.result[0, 0].numel()), x.dtype, x.device)
+            self.flat = new_buffer((x.shape[0], x.shape[1], self.result[0, 0].numel()), x.dtype, x.device)
             self.copy = True
 
     def finish(self) -> torch.Tensor:
         if self.copy:
             self.result.copy_(self.flat.view(self.result.shape))
         return self.result
-
-
-def _device_guard(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _precision() -> str:
@@ -538,7 +515,7 @@ def _blocks(c: int, length: int) -> dict[str, int]:
 
 def _pixel_norms(xs: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
     n, _, length = xs.shape
-    norms = _new_buffer((n, 2, length), torch.float64, xs.device)
+    norms = new_buffer((n, 2, length), torch.float64, xs.device)
     block_l = 64
     for which, x in enumerate((xs, xt)):
         _pixel_norms_kernel[(n, triton.cdiv(length, block_l))](
@@ -548,18 +525,18 @@ def _pixel_norms(xs: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
 
 
 def _pairwise_forward(student: torch.Tensor, teacher: torch.Tensor, detach_norm: bool):
-    _check_kernel_dtype("student", student)
-    xs, xt = _flatten(student), _flatten(teacher)
+    check_kernel_dtype("student", student)
+    xs, xt = flatten(student), flatten(teacher)
     n, cs, length = xs.shape
     ct = xt.shape[1]
     c = max(cs, ct)
     b = _blocks(c, length)
-    with _device_guard(student):
+    with device_guard(student):
         norms = _pixel_norms(xs, xt)
         if length <= c:
             # Σ Δ² over the L × L tiles (sym(Σ̂ᵀD̂) formed per tile, never stored).
             tiles = triton.cdiv(length, b["block"])
-            partial = _new_buffer((n, tiles, tiles), torch.float64, student.device)
+            partial = new_buffer((n, tiles, tiles), torch.float64, student.device)
             _pairwise_pixel_loss_kernel[(n, tiles, tiles)](
                 xs, xt, norms, partial, cs, ct, c, length, tiles, *xs.stride(), *xt.stride(),
                 BLOCK=b["block"], BLOCK_C=b["block_l"], PRECISION=_precision(),
@@ -567,7 +544,7 @@ def _pairwise_forward(student: torch.Tensor, teacher: torch.Tensor, detach_norm:
             total = partial.sum()
         else:
             tiles = triton.cdiv(c, b["block"])
-            partial = _new_buffer((n, tiles, tiles), torch.float64, student.device)
+            partial = new_buffer((n, tiles, tiles), torch.float64, student.device)
             _pairwise_loss_kernel[(n, tiles, tiles)](
                 xs, xt, norms, partial, cs, ct, length, tiles, *xs.stride(), *xt.stride(),
                 BLOCK=b["block"], BLOCK_L=b["block_l"], PRECISION=_precision(),
@@ -580,11 +557,11 @@ def _pairwise_forward(student: torch.Tensor, teacher: torch.Tensor, detach_norm:
 
 def _pairwise_backward(grad_loss, student, teacher, norms, detach_norm, student_requires_grad,
                        teacher_requires_grad):
-    _check_kernel_dtype("student", student)
+    check_kernel_dtype("student", student)
     none = student.new_empty(0)
     if not (student_requires_grad or teacher_requires_grad):
         return none, none
-    xs, xt = _flatten(student), _flatten(teacher)
+    xs, xt = flatten(student), flatten(teacher)
     n, cs, length = xs.shape
     ct = xt.shape[1]
     c = max(cs, ct)
@@ -593,8 +570,8 @@ def _pairwise_backward(grad_loss, student, teacher, norms, detach_norm, student_
     grad_loss = grad_loss.reshape(1).to(torch.float32)
     factor = 1.0 / (n * length * length)
     outs = []
-    with _device_guard(student):
-        k, e, q = (_new_buffer((n, c, c), torch.float32, student.device) for _ in range(3))
+    with device_guard(student):
+        k, e, q = (new_buffer((n, c, c), torch.float32, student.device) for _ in range(3))
         tiles = triton.cdiv(c, b["block"])
         _pairwise_matrices_kernel[(n, tiles, tiles)](
             xs, xt, norms, k, e, q, cs, ct, c, length, *xs.stride(), *xt.stride(),
@@ -609,7 +586,7 @@ def _pairwise_backward(grad_loss, student, teacher, norms, detach_norm, student_
             buffer = _GradBuffer(x_in)
             grad_flat = buffer.flat
             channels = x.shape[1]
-            target = grad_flat if detach_norm else _new_buffer((n, channels, length), torch.float32, x.device)
+            target = grad_flat if detach_norm else new_buffer((n, channels, length), torch.float32, x.device)
             grid = (n, triton.cdiv(channels, b["block"]), triton.cdiv(length, b["block_l"]))
             _pairwise_grad_hat_kernel[grid](
                 xs, xt, norms, k, e, q, target, grad_loss, cs, ct, c, length, channels, sign, factor,
@@ -630,8 +607,8 @@ def _loss_grams(xs: torch.Tensor, xt: torch.Tensor, b: dict[str, int]):
     """(G_s, M) with equal L, else (G_s, G_t); (N, C, C) float32."""
     n, c, ls = xs.shape
     tiles = triton.cdiv(c, b["block"])
-    gs = _new_buffer((n, c, c), torch.float32, xs.device)
-    other = _new_buffer((n, c, c), torch.float32, xs.device)
+    gs = new_buffer((n, c, c), torch.float32, xs.device)
+    other = new_buffer((n, c, c), torch.float32, xs.device)
     same = ls == xt.shape[2]
     _grams_kernel[(n, tiles, tiles)](
         xs, xt, gs, other, c, ls, *xs.stride(), *xt.stride(),
@@ -646,13 +623,13 @@ def _loss_grams(xs: torch.Tensor, xt: torch.Tensor, b: dict[str, int]):
 
 
 def _correlation_loss_forward(student: torch.Tensor, teacher: torch.Tensor, norm: str):
-    _check_kernel_dtype("student", student)
-    xs, xt = _flatten(student), _flatten(teacher)
+    check_kernel_dtype("student", student)
+    xs, xt = flatten(student), flatten(teacher)
     n, c, ls = xs.shape
     b = _blocks(c, ls)
-    with _device_guard(student):
+    with device_guard(student):
         gs, other, same = _loss_grams(xs, xt, b)
-        partial = _new_buffer((n * c,), torch.float64, student.device)
+        partial = new_buffer((n * c,), torch.float64, student.device)
         _gram_rows_kernel[(n * c,)](
             gs, other, partial, partial, partial, partial, c, float(ls), float(xt.shape[2]), 0.0,
             NORM=_NORM_CODES[norm], SAME_LENGTH=same, BACKWARD=False, STUDENT=False, TEACHER=False,
@@ -663,19 +640,19 @@ def _correlation_loss_forward(student: torch.Tensor, teacher: torch.Tensor, norm
 
 def _correlation_loss_backward(grad_loss, student, teacher, norm, student_requires_grad,
                                teacher_requires_grad):
-    _check_kernel_dtype("student", student)
+    check_kernel_dtype("student", student)
     none = student.new_empty(0)
     if not (student_requires_grad or teacher_requires_grad):
         return none, none
-    xs, xt = _flatten(student), _flatten(teacher)
+    xs, xt = flatten(student), flatten(teacher)
     n, c, ls = xs.shape
     b = _blocks(c, ls)
     grad_loss = grad_loss.reshape(1).to(torch.float32)
     outs = []
-    with _device_guard(student):
+    with device_guard(student):
         gs, other, same = _loss_grams(xs, xt, b)
-        half_s = _new_buffer((n, c, c), torch.float32, student.device)
-        half_t = _new_buffer((n, c, c), torch.float32, student.device)
+        half_s = new_buffer((n, c, c), torch.float32, student.device)
+        half_t = new_buffer((n, c, c), torch.float32, student.device)
         _gram_rows_kernel[(n * c,)](
             gs, other, half_s, half_s, half_t, grad_loss, c, float(ls), float(xt.shape[2]), 2.0 / (n * c),
             NORM=_NORM_CODES[norm], SAME_LENGTH=same, BACKWARD=True, STUDENT=student_requires_grad,
@@ -699,19 +676,19 @@ def _correlation_loss_backward(grad_loss, student, teacher, norm, student_requir
 
 
 def _channel_correlation_forward(x: torch.Tensor, norm: str):
-    _check_kernel_dtype("x", x)
-    flat = _flatten(x)
+    check_kernel_dtype("x", x)
+    flat = flatten(x)
     n, c, length = flat.shape
     b = _blocks(c, length)
-    with _device_guard(x):
+    with device_guard(x):
         tiles = triton.cdiv(c, b["block"])
-        gram = _new_buffer((n, c, c), torch.float32, x.device)
+        gram = new_buffer((n, c, c), torch.float32, x.device)
         _grams_kernel[(n, tiles, tiles)](
             flat, flat, gram, gram, c, length, *flat.stride(), *flat.stride(),
             DIFFERENCE=False, BLOCK=b["block"], BLOCK_L=b["block_l"], PRECISION=_precision(),
         )
-        out = _new_buffer((n, c, c), torch.float32, x.device)
-        row_norms = _new_buffer((n, c), torch.float32, x.device)
+        out = new_buffer((n, c, c), torch.float32, x.device)
+        row_norms = new_buffer((n, c), torch.float32, x.device)
         _normalise_rows_kernel[(n * c,)](
             gram, out, row_norms, c, 1.0 / length, NORM=_NORM_CODES[norm], BLOCK_C=b["block_rows"],
         )
@@ -719,12 +696,12 @@ def _channel_correlation_forward(x: torch.Tensor, norm: str):
 
 
 def _channel_correlation_backward(grad_gram, x, gram, row_norms, norm):
-    _check_kernel_dtype("x", x)
-    flat = _flatten(x)
+    check_kernel_dtype("x", x)
+    flat = flatten(x)
     n, c, length = flat.shape
     b = _blocks(c, length)
-    with _device_guard(x):
-        half = _new_buffer((n, c, c), torch.float32, x.device)
+    with device_guard(x):
+        half = new_buffer((n, c, c), torch.float32, x.device)
         _gram_rows_backward_kernel[(n * c,)](
             grad_gram, gram.contiguous(), row_norms.contiguous(), half, c, 1.0 / length,
             *grad_gram.stride(), NORM=_NORM_CODES[norm], BLOCK_C=b["block_rows"],

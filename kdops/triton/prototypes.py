@@ -26,22 +26,22 @@ See :mod:`kdops.triton.softmax_kl` for why ``custom_op`` rather than ``triton_op
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from kdops.ops.prototypes import register_prototype_ops
+from kdops.triton import _launch
+from kdops.triton._launch import (
+    check_kernel_dtype, device_guard, flatten, grad_buffers, new_buffer, strides,
+)
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NORM_EPS = 1e-12  # F.normalize's floor on a norm
 
-# Test hooks (as in kdops.triton.softmax_kl): _POISON_OUTPUTS fills every buffer a launcher
-# allocates with NaN (integers: their minimum) so tests prove each element is written;
+# Test hooks (as in kdops.triton.softmax_kl): kdops.triton._launch.POISON_OUTPUTS fills every
+# buffer a launcher allocates with NaN (integers: their minimum) so tests prove each element is written;
 # _LAUNCH_OVERRIDES replaces launch sizes ("block_p", "block_c", "block_k", "splits").
-_POISON_OUTPUTS = False
 _LAUNCH_OVERRIDES: dict[str, int] = {}
 
 _MAX_CLASSES = 256  # prototype_kl holds a tile's cosines to every class in registers
@@ -466,47 +466,6 @@ def _launch(name: str, default: int) -> int:
     return _LAUNCH_OVERRIDES.get(name, default)
 
 
-def _check_kernel_dtype(name: str, x: torch.Tensor) -> None:
-    if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"{name}: the Triton kernels take float32, float16 or bfloat16, got {x.dtype}")
-
-
-def _new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    buffer = torch.empty(shape, dtype=dtype, device=device)
-    if _POISON_OUTPUTS:
-        buffer.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min)
-    return buffer
-
-
-def _flatten(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) → (N, C, L): a view when the spatial dims merge, else one copy."""
-    return x.reshape(x.shape[0], x.shape[1], -1)
-
-
-def _grad_buffers(x: torch.Tensor, needed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gradient of x shaped like x, its (N, C, L) view that the kernels write): channels-last
-    when x is (stride 1 over C), contiguous otherwise, as empty_like gives (the fake kernels);
-    an empty (0,) tensor, twice, when not requested."""
-    if not needed:
-        empty = x.new_empty(0)
-        return empty, empty
-    flat = _flatten(x)
-    n, c, length = flat.shape
-    if flat.stride(1) == 1 and flat.stride(2) != 1:
-        grad_flat = _new_buffer((n, length, c), x.dtype, x.device).permute(0, 2, 1)
-    else:
-        grad_flat = _new_buffer((n, c, length), x.dtype, x.device)
-    return grad_flat.view(x.shape), grad_flat
-
-
-def _strides(flat: torch.Tensor) -> tuple[int, int, int]:
-    return tuple(flat.stride()) if flat.dim() == 3 else (0, 0, 0)
-
-
-def _device_guard(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 class _Labels:
     """The kernel arguments that read labels (N, H_l, W_l) at the feature size (H, W)."""
 
@@ -543,11 +502,11 @@ def _class_sums(x_flat: torch.Tensor, labels: _Labels, weight: torch.Tensor | No
     splits = min(_launch("splits", _SPLITS), num_tiles)
     tiles_per_split = triton.cdiv(num_tiles, splits)
     splits = triton.cdiv(num_tiles, tiles_per_split)
-    sums = _new_buffer((n, splits, k, c), torch.float32, x_flat.device)
-    counts = _new_buffer((n, splits, k), torch.int32, x_flat.device)
-    flags = _new_buffer((n * splits,), torch.int32, x_flat.device)
+    sums = new_buffer((n, splits, k, c), torch.float32, x_flat.device)
+    counts = new_buffer((n, splits, k), torch.int32, x_flat.device)
+    flags = new_buffer((n * splits,), torch.int32, x_flat.device)
     grid = (n * splits, triton.cdiv(c, block_c), triton.cdiv(k, block_k))
-    with _device_guard(x_flat):
+    with device_guard(x_flat):
         _class_sums_kernel[grid](
             x_flat, weight, labels.tensor, sums, counts, flags,
             c, length, labels.width, k, num_tiles, tiles_per_split, splits,
@@ -578,8 +537,8 @@ def _protos_grad_from_hat(grad_hat: torch.Tensor, hat: torch.Tensor, norm: torch
 
 
 def _prototype_pool_forward(x, labels, num_classes, ignore_index, per_image, normalize_features):
-    _check_kernel_dtype("x", x)
-    flat = _flatten(x)
+    check_kernel_dtype("x", x)
+    flat = flatten(x)
     label_args = _Labels(labels, x.shape[2], x.shape[3], num_classes, ignore_index)
     weight = None
     if normalize_features:
@@ -595,15 +554,15 @@ def _prototype_pool_forward(x, labels, num_classes, ignore_index, per_image, nor
 
 def _prototype_pool_backward(grad_protos, x, labels, counts, ignore_index, normalize_features):
     num_classes = grad_protos.shape[-2]
-    flat = _flatten(x)
+    flat = flatten(x)
     n, c, length = flat.shape
     rows = (grad_protos.float() / counts.clamp(min=1).unsqueeze(-1)).contiguous()
-    grad, grad_flat = _grad_buffers(x, True)
+    grad, grad_flat = grad_buffers(x, True)
     label_args = _Labels(labels, x.shape[2], x.shape[3], num_classes, ignore_index)
     block_p, block_c = _launch("block_p", _BLOCK_P), _launch("block_c", _BLOCK_C)
     num_tiles = triton.cdiv(length, block_p)
     group_stride = num_classes * c if grad_protos.dim() == 3 else 0
-    with _device_guard(x):
+    with device_guard(x):
         if normalize_features:
             _gather_normalized_rows_kernel[(n * num_tiles,)](
                 rows, label_args.tensor, flat, grad_flat, c, length, label_args.width, num_classes,
@@ -624,13 +583,13 @@ def _prototype_pool_backward(grad_protos, x, labels, counts, ignore_index, norma
 
 def _kl_launch(student, teacher, student_protos, teacher_protos, counts, tau, *, backward,
                grad_loss=None, needs=(False, False, False, False)):
-    _check_kernel_dtype("student", student)
-    _check_kernel_dtype("teacher", teacher)
+    check_kernel_dtype("student", student)
+    check_kernel_dtype("teacher", teacher)
     num_classes = student_protos.shape[-2]
     if num_classes > _MAX_CLASSES:
         raise ValueError(f"student_protos: the Triton prototype_kl takes at most {_MAX_CLASSES} classes, "
                          f"got {num_classes}")
-    s, t = _flatten(student), _flatten(teacher)
+    s, t = flatten(student), flatten(teacher)
     n, cs, length = s.shape
     ct = t.shape[1]
     s_hat, s_norm = _normalized(student_protos.float())
@@ -645,18 +604,18 @@ def _kl_launch(student, teacher, student_protos, teacher_protos, counts, tau, *,
     block_c = _launch("block_c", _BLOCK_C)
     num_tiles = triton.cdiv(length, block_p)
     grid = (n * num_tiles,)
-    partials = _new_buffer(grid if not backward else (0,), torch.float32, s.device)
-    grad_student, grad_s = _grad_buffers(student, needs[0])
-    grad_teacher, grad_t = _grad_buffers(teacher, needs[1])
-    s_partials = _new_buffer((n * num_tiles, num_classes, cs) if needs[2] else (0,), torch.float32, s.device)
-    t_partials = _new_buffer((n * num_tiles, num_classes, ct) if needs[3] else (0,), torch.float32, s.device)
-    with _device_guard(s):
+    partials = new_buffer(grid if not backward else (0,), torch.float32, s.device)
+    grad_student, grad_s = grad_buffers(student, needs[0])
+    grad_teacher, grad_t = grad_buffers(teacher, needs[1])
+    s_partials = new_buffer((n * num_tiles, num_classes, cs) if needs[2] else (0,), torch.float32, s.device)
+    t_partials = new_buffer((n * num_tiles, num_classes, ct) if needs[3] else (0,), torch.float32, s.device)
+    with device_guard(s):
         _prototype_kl_kernel[grid](
             s, t, s_hat, t_hat, present, grad_loss if grad_loss is not None else partials,
             partials, grad_s, grad_t, s_partials, t_partials,
             cs, ct, length, num_classes, num_tiles, group_rows, 1.0 / tau,
             1.0 / (n * length * tau),
-            *s.stride(), *t.stride(), *_strides(grad_s), *_strides(grad_t),
+            *s.stride(), *t.stride(), *strides(grad_s), *strides(grad_t),
             BACKWARD=backward, STUDENT_GRAD=needs[0], TEACHER_GRAD=needs[1],
             STUDENT_PROTOS_GRAD=needs[2], TEACHER_PROTOS_GRAD=needs[3],
             DOT_PRECISION=_dot_precision(s), BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=block_p,
@@ -696,16 +655,16 @@ def _prototype_kl_backward(grad_loss, student, teacher, student_protos, teacher_
 
 
 def _variation_pass(student, teacher, label_args, s_hat, t_hat, *, backward, grad_loss=None):
-    s, t = _flatten(student), _flatten(teacher)
+    s, t = flatten(student), flatten(teacher)
     n, cs, length = s.shape
     block_p, block_c = _launch("block_p", _BLOCK_P), _launch("block_c", _BLOCK_C)
     num_tiles = triton.cdiv(length, block_p)
     grid = (n * num_tiles,)
-    partials = _new_buffer(grid, torch.float32, s.device)
-    flags = _new_buffer(grid, torch.int32, s.device)
+    partials = new_buffer(grid, torch.float32, s.device)
+    flags = new_buffer(grid, torch.int32, s.device)
     pixel_shape = (n, length) if backward else (0,)
-    e, m_s, m_t, norm_s, norm_t = (_new_buffer(pixel_shape, torch.float32, s.device) for _ in range(5))
-    with _device_guard(s):
+    e, m_s, m_t, norm_s, norm_t = (new_buffer(pixel_shape, torch.float32, s.device) for _ in range(5))
+    with device_guard(s):
         _class_variation_kernel[grid](
             s, t, s_hat, t_hat, label_args.tensor, grad_loss if grad_loss is not None else partials,
             partials, e, m_s, m_t, norm_s, norm_t, flags,
@@ -720,11 +679,11 @@ def _variation_pass(student, teacher, label_args, s_hat, t_hat, *, backward, gra
 
 
 def _class_variation_loss_forward(student, teacher, labels, num_classes, ignore_index):
-    _check_kernel_dtype("student", student)
-    _check_kernel_dtype("teacher", teacher)
+    check_kernel_dtype("student", student)
+    check_kernel_dtype("teacher", teacher)
     label_args = _Labels(labels, student.shape[2], student.shape[3], num_classes, ignore_index)
-    sums_s, counts, flags = _class_sums(_flatten(student), label_args)
-    sums_t, _, _ = _class_sums(_flatten(teacher), label_args)
+    sums_s, counts, flags = _class_sums(flatten(student), label_args)
+    sums_t, _, _ = _class_sums(flatten(teacher), label_args)
     label_args.assert_in_range(flags)
     s_protos, t_protos = _means(sums_s, counts), _means(sums_t, counts)
     s_hat, _ = _normalized(s_protos)
@@ -740,8 +699,8 @@ def _class_variation_loss_backward(grad_loss, student, teacher, labels, student_
     s_hat, s_norm = _normalized(student_protos.float())
     t_hat, t_norm = _normalized(teacher_protos.float())
     s_hat, t_hat = s_hat.contiguous(), t_hat.contiguous()
-    grad_student, grad_s = _grad_buffers(student, student_requires_grad)
-    grad_teacher, grad_t = _grad_buffers(teacher, teacher_requires_grad)
+    grad_student, grad_s = grad_buffers(student, student_requires_grad)
+    grad_teacher, grad_t = grad_buffers(teacher, teacher_requires_grad)
     if not (student_requires_grad or teacher_requires_grad):
         return grad_student, grad_teacher
     e, m_s, m_t, norm_s, norm_t = _variation_pass(student, teacher, label_args, s_hat, t_hat, backward=True,
@@ -750,14 +709,14 @@ def _class_variation_loss_backward(grad_loss, student, teacher, labels, student_
     n, _, length = grad_s.shape if student_requires_grad else grad_t.shape
 
     def side(x, grad_flat, hat, protos_norm, m, norm, sign):
-        flat = _flatten(x)
+        flat = flatten(x)
         # The prototype path: ∂P̂_k = Σ_{y_i = k} ±e_i x̂_i, through the normalisation, / count.
         weight = (sign * e / norm.clamp(min=_NORM_EPS)).contiguous()
         grad_hat, _, _ = _class_sums(flat, label_args, weight)
         pooled = _protos_grad_from_hat(grad_hat, hat, protos_norm)
         pooled = (pooled / counts.clamp(min=1).unsqueeze(-1)).contiguous()
         num_tiles = triton.cdiv(length, block_p)
-        with _device_guard(x):
+        with device_guard(x):
             _class_variation_grad_kernel[(n * num_tiles, triton.cdiv(flat.shape[1], block_c))](
                 flat, hat, pooled, label_args.tensor, e, m, norm, grad_flat,
                 flat.shape[1], length, label_args.width, num_classes, num_tiles, sign,

@@ -36,7 +36,6 @@ fake tensors and fails; and ``triton_op`` infers its schema from annotations (``
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -45,6 +44,10 @@ import triton
 import triton.language as tl
 
 from kdops.ops.softmax_kl import ROW_STATS, register_softmax_kl_ops
+from kdops.triton import _launch
+from kdops.triton._launch import (
+    check_kernel_dtype, device_guard, flatten, grad_buffers, new_buffer, strides,
+)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -54,13 +57,12 @@ _LOG2E = tl.constexpr(LOG2E)
 # −inf logit never meets a −inf maximum (−inf − (−inf) is NaN).
 _LOWEST = tl.constexpr(-3.4028234663852886e38)
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Test hooks. With _POISON_OUTPUTS every buffer a launcher allocates starts as NaN (integers:
+# Test hooks. With kdops.triton._launch.POISON_OUTPUTS every buffer a launcher allocates
+# starts as NaN (integers:
 # their minimum), so a test proves that every element is written. _LAUNCH_OVERRIDES replaces
 # launch heuristics (keys: "channel_block_r", "channel_block_l", "channel_splits",
 # "pixel_block_p", "pixel_block_c") so small test inputs cross blocks, chunks and splits.
-_POISON_OUTPUTS = False
 _LAUNCH_OVERRIDES: dict[str, int] = {}
 
 
@@ -517,56 +519,6 @@ _PIXEL_TILE = {4: 2048, 2: 1024}  # BLOCK_P·BLOCK_C of a pixel_kl program, by e
 _MAX_BLOCK_C = 256           # pixel_kl: more channels than this are looped over in chunks
 
 
-def _check_kernel_dtype(name: str, x: torch.Tensor) -> None:
-    if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(
-            f"{name}: the Triton kernels take float32, float16 or bfloat16, got {x.dtype}"
-        )
-
-
-def _new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.empty, or a poisoned buffer under the test hook _POISON_OUTPUTS."""
-    buffer = torch.empty(shape, dtype=dtype, device=device)
-    if _POISON_OUTPUTS:
-        buffer.fill_(float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min)
-    return buffer
-
-
-def _flatten(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, *spatial) → (N, C, L): a view when the spatial dims merge (contiguous,
-    channels_last, strided last dim), otherwise the one copy reshape makes."""
-    return x.reshape(x.shape[0], x.shape[1], -1)
-
-
-def _grad_buffers(x: torch.Tensor, needed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gradient of x shaped like x, its (N, C, L) view that the kernel writes).
-
-    Channels-last when x is (stride 1 over C, as the autograd engine likes a gradient laid
-    out like its input), contiguous otherwise; an empty (0,) tensor, twice, when the gradient
-    is not requested.
-    """
-    if not needed:
-        empty = x.new_empty(0)
-        return empty, empty
-    flat = _flatten(x)
-    n, c, length = flat.shape
-    if flat.stride(1) == 1 and flat.stride(2) != 1:
-        grad_flat = _new_buffer((n, length, c), x.dtype, x.device).permute(0, 2, 1)
-    else:
-        grad_flat = _new_buffer((n, c, length), x.dtype, x.device)
-    return grad_flat.view(x.shape), grad_flat
-
-
-def _strides(grad_flat: torch.Tensor) -> tuple[int, int, int]:
-    """(n, c, l) strides of a gradient buffer; zeros for an unused, empty one."""
-    return tuple(grad_flat.stride()) if grad_flat.dim() == 3 else (0, 0, 0)
-
-
-def _device_guard(x: torch.Tensor):
-    """Launch on x's GPU: Triton launches on the current device."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -633,17 +585,17 @@ def _channel_kl_forward(
     """(loss, row_stats): loss = τ²/(N·C) · Σ_rows KL, a float32 scalar; row_stats (N·C, 5)
     float32 = per row [max s, log z_s, max t, log z_t, KL] over the L positions (maxima raw,
     z = Σ exp((x − max)/τ))."""
-    _check_kernel_dtype("student", student)
-    _check_kernel_dtype("teacher", teacher)
-    s, t = _flatten(student), _flatten(teacher)
+    check_kernel_dtype("student", student)
+    check_kernel_dtype("teacher", teacher)
+    s, t = flatten(student), flatten(teacher)
     n, c, length = s.shape
     num_rows = n * c
     tiling = _row_tiling(s, t, backward=False)
-    partials = _new_buffer((5, num_rows, tiling.splits), torch.float32, s.device)
-    row_stats = _new_buffer((num_rows, ROW_STATS), torch.float32, s.device)
+    partials = new_buffer((5, num_rows, tiling.splits), torch.float32, s.device)
+    row_stats = new_buffer((num_rows, ROW_STATS), torch.float32, s.device)
     block_s = triton.next_power_of_2(tiling.splits)
     block_m = min(max(1, 1024 // block_s), triton.next_power_of_2(num_rows))
-    with _device_guard(s):
+    with device_guard(s):
         _channel_kl_partials_kernel[tiling.grid(n)](
             s, t, partials,
             c, length, num_rows, tiling.num_c_tiles, tiling.splits, tiling.blocks_per_split,
@@ -665,17 +617,17 @@ def _channel_kl_backward(
     tau: float, student_requires_grad: bool, teacher_requires_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_student, grad_teacher), each shaped like its input or empty when not requested."""
-    s, t = _flatten(student), _flatten(teacher)
+    s, t = flatten(student), flatten(teacher)
     n, c, length = s.shape
-    grad_student, grad_s = _grad_buffers(student, student_requires_grad)
-    grad_teacher, grad_t = _grad_buffers(teacher, teacher_requires_grad)
+    grad_student, grad_s = grad_buffers(student, student_requires_grad)
+    grad_teacher, grad_t = grad_buffers(teacher, teacher_requires_grad)
     if student_requires_grad or teacher_requires_grad:
         tiling = _row_tiling(s, t, backward=True)
-        with _device_guard(s):
+        with device_guard(s):
             _channel_kl_backward_kernel[tiling.grid(n)](
                 grad_loss, s, t, row_stats, grad_s, grad_t,
                 c, length, tiling.num_c_tiles, tiling.splits, tiling.blocks_per_split,
-                *s.stride(), *t.stride(), *_strides(grad_s), *_strides(grad_t),
+                *s.stride(), *t.stride(), *strides(grad_s), *strides(grad_t),
                 LOG2E / tau, tau / (n * c),
                 BLOCK_R=tiling.block_r, BLOCK_L=tiling.block_l,
                 STUDENT_GRAD=student_requires_grad, TEACHER_GRAD=teacher_requires_grad,
@@ -730,16 +682,16 @@ def _pixel_kl_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, num_valid): loss = τ²/max(V, 1) · Σ_valid KL, a float32 scalar; num_valid V, the
     int64 count of valid pixels (N·L without target)."""
-    _check_kernel_dtype("student", student)
-    _check_kernel_dtype("teacher", teacher)
-    s, t = _flatten(student), _flatten(teacher)
+    check_kernel_dtype("student", student)
+    check_kernel_dtype("teacher", teacher)
+    s, t = flatten(student), flatten(teacher)
     n, c, length = s.shape
     tiling = _pixel_tiling(c, length, s.element_size())
     grid = tiling.grid(n)
-    kl_partials = _new_buffer(grid, torch.float32, s.device)
-    count_partials = _new_buffer(grid, torch.int32, s.device)
+    kl_partials = new_buffer(grid, torch.float32, s.device)
+    count_partials = new_buffer(grid, torch.int32, s.device)
     target_flat, target_stride_n, target_stride_l = _target_args(target, n)
-    with _device_guard(s):
+    with device_guard(s):
         _pixel_kl_forward_kernel[grid](
             s, t, target_flat, kl_partials, count_partials,
             c, length, tiling.num_p_tiles, *s.stride(), *t.stride(),
@@ -759,18 +711,18 @@ def _pixel_kl_backward(
     student_requires_grad: bool, teacher_requires_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_student, grad_teacher), each shaped like its input or empty when not requested."""
-    s, t = _flatten(student), _flatten(teacher)
+    s, t = flatten(student), flatten(teacher)
     n, c, length = s.shape
-    grad_student, grad_s = _grad_buffers(student, student_requires_grad)
-    grad_teacher, grad_t = _grad_buffers(teacher, teacher_requires_grad)
+    grad_student, grad_s = grad_buffers(student, student_requires_grad)
+    grad_teacher, grad_t = grad_buffers(teacher, teacher_requires_grad)
     if student_requires_grad or teacher_requires_grad:
         tiling = _pixel_tiling(c, length, s.element_size())
         target_flat, target_stride_n, target_stride_l = _target_args(target, n)
-        with _device_guard(s):
+        with device_guard(s):
             _pixel_kl_backward_kernel[tiling.grid(n)](
                 grad_loss, num_valid, s, t, target_flat, grad_s, grad_t,
                 c, length, tiling.num_p_tiles, *s.stride(), *t.stride(),
-                target_stride_n, target_stride_l, *_strides(grad_s), *_strides(grad_t),
+                target_stride_n, target_stride_l, *strides(grad_s), *strides(grad_t),
                 ignore_index, LOG2E / tau, tau,
                 HAS_TARGET=target is not None, STUDENT_GRAD=student_requires_grad,
                 TEACHER_GRAD=teacher_requires_grad, BLOCK_P=tiling.block_p,

@@ -46,7 +46,7 @@ def poisoned_triton_outputs(monkeypatch):
         torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
     ):
         module = importlib.import_module("kdops.triton.attention")
-        monkeypatch.setattr(module, "_POISON_OUTPUTS", True)
+        monkeypatch.setattr("kdops.triton._launch.POISON_OUTPUTS", True)
         monkeypatch.setattr(module, "_LAUNCH_OVERRIDES", {
             "reduce_block_c": 2, "reduce_block_l": 16, "class_block_k": 16, "class_block_c": 16,
             "class_block_l": 16,

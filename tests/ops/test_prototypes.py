@@ -53,7 +53,7 @@ def poisoned_triton_outputs(monkeypatch):
     output element is written."""
     if importlib.util.find_spec("triton") is not None:
         triton_prototypes = importlib.import_module("kdops.triton.prototypes")
-        monkeypatch.setattr(triton_prototypes, "_POISON_OUTPUTS", True)
+        monkeypatch.setattr("kdops.triton._launch.POISON_OUTPUTS", True)
 
 
 def ops(backend):

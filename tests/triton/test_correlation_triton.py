@@ -1,8 +1,8 @@
 """The Triton kernels of the channel-correlation family across tiles, layouts and dtypes.
 
 Without a GPU these run on CPU tensors under TRITON_INTERPRET=1 (set by tests/conftest.py); on a
-GPU the same cases run on CUDA tensors. Every launcher buffer starts as NaN (the module's
-_POISON_OUTPUTS hook, on for the whole file), so a passing case also proves that every output
+GPU the same cases run on CUDA tensors. Every launcher buffer starts as NaN (the
+kdops.triton._launch.POISON_OUTPUTS hook, on for the whole file), so a passing case also proves that every output
 element is written. Tile overrides of 16 make the small inputs cross several C, L and row tiles.
 The oracle is the reference in float64 on the same (rounded) inputs.
 """
@@ -30,7 +30,7 @@ def device(request):
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
-    monkeypatch.setattr(triton_corr, "_POISON_OUTPUTS", True)
+    monkeypatch.setattr("kdops.triton._launch.POISON_OUTPUTS", True)
     monkeypatch.setattr(triton_corr, "_LAUNCH_OVERRIDES", {"block": 16, "block_l": 16, "block_rows": 16})
 
 

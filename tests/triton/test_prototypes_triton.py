@@ -3,7 +3,7 @@ cross every boundary: several pixel tiles per image, several pixel splits per cl
 several channel chunks and class blocks, ragged ends of each.
 
 Without a GPU these run on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py); every
-launcher buffer starts as NaN (_POISON_OUTPUTS), so a pass also proves each output is written.
+launcher buffer starts as NaN (kdops.triton._launch.POISON_OUTPUTS), so a pass also proves each output is written.
 The op-level cases (every backend against the reference) are in tests/ops/test_prototypes.py.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def device(request):
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    monkeypatch.setattr(triton_prototypes, "_POISON_OUTPUTS", True)
+    monkeypatch.setattr("kdops.triton._launch.POISON_OUTPUTS", True)
     monkeypatch.setattr(triton_prototypes, "_LAUNCH_OVERRIDES", dict(SMALL_BLOCKS))
 
 
@@ -85,22 +85,19 @@ def test_prototype_kl_refuses_too_many_classes(device):
         kdops.prototype_kl(x, x, protos, protos, counts, backend="triton")
 
 
-def test_features_never_reach_the_observations_in_memory(device):
+def test_features_never_reach_the_observations_in_memory(device, monkeypatch):
     """No buffer of K × L floats is allocated by the forward (the cosines stay in registers)."""
     inputs = kl_inputs((1, 8, 16, 16), 8, 20, (16, 16), torch.float32, "contiguous", device, True)
     s, t, ps, pt, counts = inputs
     allocated = []
-    original = triton_prototypes._new_buffer
+    original = triton_prototypes.new_buffer
 
     def recording(shape, dtype, dev):
         allocated.append(tuple(shape) if not isinstance(shape, int) else (shape,))
         return original(shape, dtype, dev)
 
-    triton_prototypes._new_buffer = recording
-    try:
-        kdops.prototype_kl(s, t, ps, pt, counts, backend="triton")
-    finally:
-        triton_prototypes._new_buffer = original
+    monkeypatch.setattr(triton_prototypes, "new_buffer", recording)
+    kdops.prototype_kl(s, t, ps, pt, counts, backend="triton")
     pixels = 16 * 16
     for shape in allocated:
         numel = 1

@@ -1,8 +1,8 @@
 """The Triton kernels of channel_kl and pixel_kl against the float64 reference.
 
 Without a GPU these run on CPU tensors under TRITON_INTERPRET=1 (set by tests/conftest.py);
-on a GPU the same cases run on CUDA tensors. Every launcher buffer starts as NaN (the module's
-_POISON_OUTPUTS hook, on for the whole file), so a passing case also proves that every output
+on a GPU the same cases run on CUDA tensors. Every launcher buffer starts as NaN (the
+kdops.triton._launch.POISON_OUTPUTS hook, on for the whole file), so a passing case also proves that every output
 element is written. Small launch overrides make tiny inputs cross blocks, chunks and splits.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def device(request):
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
-    monkeypatch.setattr(triton_kl, "_POISON_OUTPUTS", True)
+    monkeypatch.setattr("kdops.triton._launch.POISON_OUTPUTS", True)
 
 
 def set_launch(monkeypatch, **overrides):
@@ -316,8 +316,8 @@ def test_backward_op_skips_unrequested_gradient(device, op, flags):
 
 def test_poison_hook_fills_with_nan(device):
     """The hook the other tests rely on really poisons the launchers' buffers."""
-    assert torch.isnan(triton_kl._new_buffer((3,), torch.float32, torch.device(device))).all()
-    counts = triton_kl._new_buffer((3,), torch.int32, torch.device(device))
+    assert torch.isnan(triton_kl.new_buffer((3,), torch.float32, torch.device(device))).all()
+    counts = triton_kl.new_buffer((3,), torch.int32, torch.device(device))
     assert (counts == torch.iinfo(torch.int32).min).all()
 
 
