@@ -93,7 +93,8 @@ def measure_recipe(name: str, student, teacher, images, labels, device: str, set
     }
 
 
-def run(device: str, recipes, *, seed: int = 0) -> dict:
+def run(device: str, recipes, *, seed: int = 0, on_update=None) -> dict:
+    """Measures ``recipes``; ``on_update(result)`` gets the result so far after every recipe."""
     setup = SETUPS[device]
     torch.manual_seed(seed)
     h, w = setup["size"]
@@ -124,6 +125,12 @@ def run(device: str, recipes, *, seed: int = 0) -> dict:
         else:
             print(f"{name:6s} kdops {a['ms']:8.2f} ms ({100 * a['share']:5.1f}%) saved {a['saved_mb']:8.2f} MB | "
                   f"reference {r['ms']:8.2f} ms ({100 * r['share']:5.1f}%) saved {r['saved_mb']:8.2f} MB", flush=True)
+        if on_update is not None:
+            on_update(_result(device, setup, step_ms, rows))
+    return _result(device, setup, step_ms, rows)
+
+
+def _result(device: str, setup: dict, step_ms: float, rows: list[dict]) -> dict:
     return {
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "date": datetime.date.today().isoformat(),
@@ -138,7 +145,7 @@ def run(device: str, recipes, *, seed: int = 0) -> dict:
         },
         "student_step_ms": step_ms,
         "command": "python -m benchmarks.recipes",
-        "rows": rows,
+        "rows": list(rows),
     }
 
 
@@ -153,19 +160,23 @@ def main(argv=None) -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES, metavar="RECIPE")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
-    result = run(args.device, args.recipes)
-    if args.no_save:
-        return
     path = results_path(args.device)
-    if os.path.exists(path) and set(args.recipes) != set(RECIPES):
-        with open(path) as f:  # keep the rows of recipes not re-measured this time
-            old = {row["recipe"]: row for row in json.load(f)["rows"]}
-        old.update({row["recipe"]: row for row in result["rows"]})
-        result["rows"] = [old[name] for name in RECIPES if name in old]
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path}")
+
+    def save(result: dict) -> None:
+        if os.path.exists(path):
+            with open(path) as f:  # keep the rows of recipes not (yet) re-measured this time
+                old = {row["recipe"]: row for row in json.load(f)["rows"]}
+            old.update({row["recipe"]: row for row in result["rows"]})
+            result = dict(result, rows=[old[name] for name in RECIPES if name in old])
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    # Saved after every recipe: a run stopped by a time limit (a GPU lease) keeps what it measured.
+    run(args.device, args.recipes, on_update=None if args.no_save else save)
+    if not args.no_save:
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
     python -m benchmarks.report                    # README tables from the results files
 
 GPU: float32 and bfloat16 at the real shapes; CPU: float32 at the scaled-down shapes.
-Rows of an earlier results file for ops not run this time are kept, so families can be
-re-measured one at a time.
+A row (case, variant) measured again replaces the earlier file's row; the other rows are kept,
+so families and variants can be (re-)measured one at a time. The file is rewritten after every
+case, so a run stopped by a time limit keeps what it measured.
 """
 from __future__ import annotations
 
@@ -55,6 +56,26 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in lines)
 
 
+def write_results(path: str, device: str, rows: list[dict]) -> None:
+    result = {
+        "device": device_description(device),
+        "device_type": device,
+        "date": datetime.date.today().isoformat(),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": package_version("triton"),
+            "kdops": package_version("kdops"),
+        },
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -73,6 +94,11 @@ def main(argv=None) -> None:
 
     command = "python -m benchmarks.run " + " ".join(argv if argv is not None else os.sys.argv[1:])
     copy_gbps = round(copy_bandwidth_gbps(args.device), 1)
+    out = args.out or os.path.join(RESULTS_DIR, f"{device_slug(args.device)}.json")
+    previous = []
+    if os.path.exists(out):
+        with open(out) as f:
+            previous = json.load(f)["rows"]
     rows = []
     for case in selected:
         case_rows = measure(case, args.device, repeats=args.repeats,
@@ -80,28 +106,9 @@ def main(argv=None) -> None:
         print(format_table(case_rows).split("\n", 1)[1], flush=True)
         # Each row keeps the command and copy bandwidth of its run: a results file merges runs.
         rows += [dict(row, command=command, copy_gbps=copy_gbps) for row in case_rows]
-
-    out = args.out or os.path.join(RESULTS_DIR, f"{device_slug(args.device)}.json")
-    previous = []
-    if os.path.exists(out):
-        with open(out) as f:
-            previous = [r for r in json.load(f)["rows"] if r["op"] not in {c.op for c in selected}]
-    result = {
-        "device": device_description(args.device),
-        "device_type": args.device,
-        "date": datetime.date.today().isoformat(),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "triton": package_version("triton"),
-            "kdops": package_version("kdops"),
-        },
-        "rows": previous + rows,
-    }
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
+        # Written after every case: a run stopped by a time limit (a GPU lease) keeps what it measured.
+        measured = {(r["case"], r["variant"]) for r in rows}
+        write_results(out, args.device, [r for r in previous if (r["case"], r["variant"]) not in measured] + rows)
     print(f"\n{format_table(rows)}\n\ncopy bandwidth {copy_gbps} GB/s; wrote {out}")
 
 
