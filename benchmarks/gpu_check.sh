@@ -8,7 +8,8 @@
 # 1. build: kdops with its CUDA kernels for this GPU's architecture only;
 # 2. bench: the fused variants (cuda, triton) of every op benchmark, then eager/compile of the
 #    cases no stored results file has (the prototype ops), on a quiet GPU;
-# 3. recipes: the per-call overhead and the recipe benchmark;
+# 3. recipes: the device's matmul rates (the yardstick of the correlation GEMMs), the per-call
+#    overhead and the recipe benchmark;
 # 4. tests: the CUDA and Triton cases of the test suite (5 processes side by side) and, beside
 #    them, the deep fuzz run of channel_kl / pixel_kl on the cuda and triton backends: lanes of
 #    500-example chunks with distinct hypothesis seeds until the time is up, counted in
@@ -55,7 +56,8 @@ step bench-fused 150 230 python -m benchmarks.run --variants cuda triton --repea
 step bench-prototype-baselines 60 200 \
   python -m benchmarks.run --ops prototype_pool prototype_kl --variants eager compile --dtypes float32 --repeats 20
 
-# --- 3. per-call overhead and recipes --------------------------------------------------------
+# --- 3. matmul rates, per-call overhead and recipes -----------------------------------------
+step matmul-rate 20 195 python -m benchmarks.matmul_rate
 step overhead 25 190 python -m benchmarks.overhead --device cuda
 step recipes 90 170 python -m benchmarks.recipes --device cuda
 
