@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 RECIPES_BEGIN, RECIPES_END = "<!-- recipes:begin -->", "<!-- recipes:end -->"
 # Results files of other benchmarks, rendered by their own sections.
-OTHER_KINDS = ("-recipes.json", "-overhead.json", "-gains.json")
+OTHER_KINDS = ("-recipes.json", "-overhead.json", "-gains.json", "-matmul.json")
 KDOPS_VARIANTS = ("cpu", "cuda", "triton")
 
 
