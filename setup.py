@@ -47,6 +47,10 @@ def extension_modules():
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*_api.cpp")
+        # TORCH_CUDA_ARCH_LIST (e.g. "9.0" on an H100/H200 machine: one architecture, half the
+        # compile time) is honoured by torch's build; without it, Ampere and Hopper.
+        gencode = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else [
+            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
         ext = CUDAExtension(
             "kdops._C",
             sources,
@@ -54,9 +58,7 @@ def extension_modules():
             define_macros=[("KDOPS_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx,
-                "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
-                         "-gencode=arch=compute_80,code=sm_80",
-                         "-gencode=arch=compute_90,code=sm_90"],
+                "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + gencode,
             },
             extra_link_args=["-fopenmp"],
         )

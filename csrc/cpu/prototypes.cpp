@@ -12,10 +12,11 @@
 //   channel blocks  (image, kChannelBlock channels): prototype_pool's class sums. A unit owns its
 //                   slice of the sums, which it accumulates in float64 over the image's pixels
 //                   in pixel order.
-//   pixel tiles     (image, kTile pixels): everything else. A tile is gathered into a
-//                   [C][kTile] buffer in the accumulation type (any layout, any dtype), the
-//                   math runs on the buffer with the pixels along the vectorised inner loops, and
-//                   gradients are scattered back. Sums over pixels are per-tile or per-chunk
+//   pixel tiles     (image, kTile pixels): everything else. A tile is read as [C][stride]
+//                   values of the accumulation type: straight from the input when it already is
+//                   that (NCHW rows of float32/float64 pixels, a full tile), else gathered into a
+//                   [C][kTile] buffer (any layout, any dtype); the math runs with the pixels along
+//                   the vectorised inner loops, and gradients are scattered back. Sums over pixels are per-tile or per-chunk
 //                   (a fixed run of tiles) partial results, combined afterwards in a fixed order.
 // The pieces depend on the shapes only, never on the thread count: results are bitwise
 // reproducible.
@@ -34,6 +35,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common/prototypes.h"
@@ -167,6 +169,23 @@ void gather_tile(const scalar_t* x, const Strides3& st, int64_t n, int64_t l0, i
   }
 }
 
+// Pixels l0 .. l0 + count of image n of x as a [channels][*stride] tile in acc: x itself when it
+// already is one (rows of contiguous acc-typed pixels and a full tile, the common NCHW float32
+// case: no copy), else gathered into `buffer` (*stride = kTile, zero past count).
+template <typename scalar_t, typename acc>
+const acc* load_tile(const scalar_t* x, const Strides3& st, int64_t n, int64_t l0, int64_t channels,
+                     int64_t count, acc* buffer, int64_t* stride) {
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    if (st.l == 1 && count == kTile) {
+      *stride = st.c;
+      return x + n * st.n + l0;
+    }
+  }
+  gather_tile(x, st, n, l0, channels, count, buffer);
+  *stride = kTile;
+  return buffer;
+}
+
 // Writes the first `count` pixels of a [channels][kTile] buffer to pixels l0 .. of image n of y.
 template <typename scalar_t, typename acc>
 void scatter_tile(scalar_t* y, const Strides3& st, int64_t n, int64_t l0, int64_t channels,
@@ -186,12 +205,34 @@ void scatter_tile(scalar_t* y, const Strides3& st, int64_t n, int64_t l0, int64_
   }
 }
 
-// Per-pixel norms of a [channels][kTile] tile: norm[t] = ‖x_t‖₂, inv[t] = 1/max(norm, eps).
+// Where the [channels][*stride] result for pixels l0 .. l0 + count of image n of y is written:
+// y itself when load_tile would read it in place, else `buffer`, which store_tile then scatters.
+template <typename scalar_t, typename acc>
+acc* tile_output(scalar_t* y, const Strides3& st, int64_t n, int64_t l0, int64_t count, acc* buffer,
+                 int64_t* stride) {
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    if (st.l == 1 && count == kTile) {
+      *stride = st.c;
+      return y + n * st.n + l0;
+    }
+  }
+  *stride = kTile;
+  return buffer;
+}
+
+// Completes a tile_output: scatters `written` to y unless it already is y.
+template <typename scalar_t, typename acc>
+void store_tile(scalar_t* y, const Strides3& st, int64_t n, int64_t l0, int64_t channels,
+                int64_t count, const acc* written, const acc* buffer) {
+  if (written == buffer) scatter_tile(y, st, n, l0, channels, count, buffer);
+}
+
+// Per-pixel norms of a [channels][stride] tile: norm[t] = ‖x_t‖₂, inv[t] = 1/max(norm, eps).
 template <typename acc>
-void tile_norms(const acc* x, int64_t channels, acc* norm, acc* inv) {
+void tile_norms(const acc* x, int64_t stride, int64_t channels, acc* norm, acc* inv) {
   acc sq[kTile] = {};
   for (int64_t c = 0; c < channels; ++c) {
-    const acc* xc = x + c * kTile;
+    const acc* xc = x + c * stride;
     for (int64_t t = 0; t < kTile; ++t) sq[t] += xc[t] * xc[t];
   }
   for (int64_t t = 0; t < kTile; ++t) {
@@ -392,8 +433,9 @@ std::vector<double> pixel_inverse_norms(const Features& f) {
     acc norm[kTile], inv[kTile];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / tiles, l0 = (item % tiles) * kTile, count = std::min(kTile, f.l - l0);
-      gather_tile(x, f.strides, n, l0, f.c, count, tile.data());
-      tile_norms(tile.data(), f.c, norm, inv);
+      int64_t stride;
+      const acc* src = load_tile(x, f.strides, n, l0, f.c, count, tile.data(), &stride);
+      tile_norms(src, stride, f.c, norm, inv);
       for (int64_t t = 0; t < count; ++t) out[n * f.l + l0 + t] = static_cast<double>(inv[t]);
     }
   });
@@ -461,12 +503,14 @@ void pool_backward(const Tensor& grad_groups /* (groups, K, C) acc */, const Ten
       labels.tile_classes(n, l0, count_l, classes);
       for (int64_t t = 0; t < kTile; ++t) cls[t] = std::max<int64_t>(classes[t], 0);
       const acc* rows = scaled.data() + (groups == 1 ? 0 : n) * num_classes * channels;
+      const acc* src = nullptr;
+      int64_t stride = kTile;
       if (normalize) {
-        gather_tile(x, f.strides, n, l0, channels, count_l, xs.data());
-        tile_norms(xs.data(), channels, norm, inv);
+        src = load_tile(x, f.strides, n, l0, channels, count_l, xs.data(), &stride);
+        tile_norms(src, stride, channels, norm, inv);
         std::fill(dot, dot + kTile, acc(0));
         for (int64_t c = 0; c < channels; ++c) {
-          const acc* xc = xs.data() + c * kTile;
+          const acc* xc = src + c * stride;
           for (int64_t t = 0; t < kTile; ++t) dot[t] += xc[t] * rows[cls[t] * channels + c];
         }
         for (int64_t t = 0; t < kTile; ++t) {
@@ -474,10 +518,12 @@ void pool_backward(const Tensor& grad_groups /* (groups, K, C) acc */, const Ten
           dot[t] = norm[t] > static_cast<acc>(kNormEps) ? dot[t] * inv[t] * inv[t] : acc(0);
         }
       }
+      int64_t out_stride;
+      acc* written = tile_output(out, st, n, l0, count_l, tile.data(), &out_stride);
       for (int64_t c = 0; c < channels; ++c) {
-        acc* o = tile.data() + c * kTile;
+        acc* o = written + c * out_stride;
         if (normalize) {
-          const acc* xc = xs.data() + c * kTile;
+          const acc* xc = src + c * stride;
           for (int64_t t = 0; t < kTile; ++t) {
             const acc r = rows[cls[t] * channels + c];
             o[t] = classes[t] >= 0 ? (r - xc[t] * dot[t]) * inv[t] : acc(0);
@@ -486,7 +532,7 @@ void pool_backward(const Tensor& grad_groups /* (groups, K, C) acc */, const Ten
           for (int64_t t = 0; t < kTile; ++t) o[t] = classes[t] >= 0 ? rows[cls[t] * channels + c] : acc(0);
         }
       }
-      scatter_tile(out, st, n, l0, channels, count_l, tile.data());
+      store_tile(out, st, n, l0, channels, count_l, written, tile.data());
     }
   });
 }
@@ -572,13 +618,13 @@ std::vector<acc> pack_present(const NormalisedProtos<acc>& p, const PresentSet& 
 constexpr int64_t kClassBlock = 4;
 
 template <typename acc>
-void tile_cosines(const acc* x, int64_t channels, const acc* packed, int64_t k, int64_t num_present,
-                  const acc* inv, acc* cos) {
+void tile_cosines(const acc* x, int64_t stride, int64_t channels, const acc* packed, int64_t k,
+                  int64_t num_present, const acc* inv, acc* cos) {
   int64_t j0 = 0;
   for (; j0 + kClassBlock <= num_present; j0 += kClassBlock) {
     acc sums[kClassBlock][kTile] = {};
     for (int64_t c = 0; c < channels; ++c) {
-      const acc* xc = x + c * kTile;
+      const acc* xc = x + c * stride;
       const acc* pc = packed + c * k + j0;
       for (int64_t jj = 0; jj < kClassBlock; ++jj) {
         const acc pj = pc[jj];
@@ -593,7 +639,7 @@ void tile_cosines(const acc* x, int64_t channels, const acc* packed, int64_t k, 
     acc sums[kTile] = {};
     for (int64_t c = 0; c < channels; ++c) {
       const acc pj = packed[c * k + j0];
-      const acc* xc = x + c * kTile;
+      const acc* xc = x + c * stride;
       for (int64_t t = 0; t < kTile; ++t) sums[t] += pj * xc[t];
     }
     for (int64_t t = 0; t < kTile; ++t) cos[j0 * kTile + t] = sums[t] * inv[t];
@@ -666,6 +712,9 @@ template <typename acc>
 struct KLTileBuffers {
   std::vector<acc> xs, xt, cos_s, cos_t, log_q, log_p;  // [C][kTile] and [P][kTile]
   acc norm_s[kTile], inv_s[kTile], norm_t[kTile], inv_t[kTile], kl[kTile];
+  const acc* s_tile = nullptr;  // the tile of each side: the input itself or xs / xt (load_tile)
+  const acc* t_tile = nullptr;
+  int64_t s_stride = kTile, t_stride = kTile;
 
   KLTileBuffers(int64_t cs, int64_t ct, int64_t k)
       : xs(cs * kTile), xt(ct * kTile), cos_s(k * kTile), cos_t(k * kTile), log_q(k * kTile),
@@ -681,12 +730,16 @@ int64_t kl_tile(const KLProblem<acc>& p, int64_t n, int64_t l0, int64_t count, K
   std::fill(b.kl, b.kl + kTile, acc(0));
   if (num_present == 0) return 0;
   const acc inv_tau = static_cast<acc>(1.0 / p.tau);
-  gather_tile(p.s.tensor.template const_data_ptr<scalar_t>(), p.s.strides, n, l0, p.s.c, count, b.xs.data());
-  gather_tile(p.t.tensor.template const_data_ptr<scalar_t>(), p.t.strides, n, l0, p.t.c, count, b.xt.data());
-  tile_norms(b.xs.data(), p.s.c, b.norm_s, b.inv_s);
-  tile_norms(b.xt.data(), p.t.c, b.norm_t, b.inv_t);
-  tile_cosines(b.xs.data(), p.s.c, p.packed_s.data() + g * p.s.c * k, k, num_present, b.inv_s, b.cos_s.data());
-  tile_cosines(b.xt.data(), p.t.c, p.packed_t.data() + g * p.t.c * k, k, num_present, b.inv_t, b.cos_t.data());
+  b.s_tile = load_tile(p.s.tensor.template const_data_ptr<scalar_t>(), p.s.strides, n, l0, p.s.c, count,
+                       b.xs.data(), &b.s_stride);
+  b.t_tile = load_tile(p.t.tensor.template const_data_ptr<scalar_t>(), p.t.strides, n, l0, p.t.c, count,
+                       b.xt.data(), &b.t_stride);
+  tile_norms(b.s_tile, b.s_stride, p.s.c, b.norm_s, b.inv_s);
+  tile_norms(b.t_tile, b.t_stride, p.t.c, b.norm_t, b.inv_t);
+  tile_cosines(b.s_tile, b.s_stride, p.s.c, p.packed_s.data() + g * p.s.c * k, k, num_present, b.inv_s,
+               b.cos_s.data());
+  tile_cosines(b.t_tile, b.t_stride, p.t.c, p.packed_t.data() + g * p.t.c * k, k, num_present, b.inv_t,
+               b.cos_t.data());
   tile_log_softmax(b.cos_s.data(), num_present, inv_tau, b.log_q.data());
   tile_log_softmax(b.cos_t.data(), num_present, inv_tau, b.log_p.data());
   for (int64_t j = 0; j < num_present; ++j) {
@@ -725,9 +778,11 @@ Tensor kl_forward(const KLProblem<acc_t<scalar_t>>& p, const at::TensorOptions& 
 //   features: ∂x̂ = Σ_j dcos_j P̂_j; ∂x = (∂x̂ − x̂ (Σ_j dcos_j cos_j)) / ‖x‖ (∂x̂ / eps when ‖x‖ ≤ eps);
 //   prototypes: ∂P̂_j += Σ_t dcos_j[t] x̂_t (into grad_hat[j][c], packed order).
 template <typename acc>
-void kl_side_grads(const acc* x, int64_t channels, const acc* packed, int64_t k, int64_t num_present,
+void kl_side_grads(const acc* x, int64_t stride, int64_t channels, const acc* packed, int64_t k,
+                   int64_t num_present,
                    const acc* norm, const acc* inv, const acc* dcos, const acc* dot,
-                   acc* grad_x /* [C][kTile] or null */, acc* grad_hat /* [P][C] or null */,
+                   acc* grad_x /* [C][grad_stride] or null */, int64_t grad_stride,
+                   acc* grad_hat /* [P][C] or null */,
                    acc* x_hat_t /* [kTile][C] scratch */) {
   if (grad_x != nullptr) {
     for (int64_t c = 0; c < channels; ++c) {
@@ -738,8 +793,8 @@ void kl_side_grads(const acc* x, int64_t channels, const acc* packed, int64_t k,
         const acc* dj = dcos + j * kTile;
         for (int64_t t = 0; t < kTile; ++t) dx[t] += pj * dj[t];
       }
-      const acc* xc = x + c * kTile;
-      acc* gc = grad_x + c * kTile;
+      const acc* xc = x + c * stride;
+      acc* gc = grad_x + c * grad_stride;
       for (int64_t t = 0; t < kTile; ++t) {
         const acc projected = dx[t] - xc[t] * inv[t] * dot[t];
         gc[t] = (norm[t] > static_cast<acc>(kNormEps) ? projected : dx[t]) * inv[t];
@@ -750,7 +805,7 @@ void kl_side_grads(const acc* x, int64_t channels, const acc* packed, int64_t k,
     // ∂P̂_j += Σ_t dcos_j[t] x̂_t as axpys along C (x̂ transposed to [kTile][C] first): no
     // reduction across SIMD lanes, which strict IEEE order would keep scalar.
     for (int64_t c = 0; c < channels; ++c) {
-      const acc* xc = x + c * kTile;
+      const acc* xc = x + c * stride;
       for (int64_t t = 0; t < kTile; ++t) x_hat_t[t * channels + c] = xc[t] * inv[t];
     }
     for (int64_t t = 0; t < kTile; ++t) {
@@ -819,21 +874,24 @@ void kl_backward(const KLProblem<acc_t<scalar_t>>& p, double grad_loss, GradOut*
           }
         }
         const int64_t g = p.group_of(n);
+        int64_t out_stride = kTile;
         if (gs != nullptr || grad_ps != nullptr) {
-          kl_side_grads(b.xs.data(), p.s.c, p.packed_s.data() + g * p.s.c * k, k, num_present,
-                        b.norm_s, b.inv_s, dcos_s.data(), dot_s,
-                        gs != nullptr ? tile_grad.data() : nullptr,
+          acc* out = gs != nullptr ? tile_output(gs, grad_s->strides, n, l0, count, tile_grad.data(), &out_stride)
+                                   : nullptr;
+          kl_side_grads(b.s_tile, b.s_stride, p.s.c, p.packed_s.data() + g * p.s.c * k, k, num_present,
+                        b.norm_s, b.inv_s, dcos_s.data(), dot_s, out, out_stride,
                         grad_ps != nullptr ? partial_s.data() + item * k * p.s.c : nullptr,
                         x_hat_t.data());
-          if (gs != nullptr) scatter_tile(gs, grad_s->strides, n, l0, p.s.c, count, tile_grad.data());
+          if (gs != nullptr) store_tile(gs, grad_s->strides, n, l0, p.s.c, count, out, tile_grad.data());
         }
         if (gt != nullptr || grad_pt != nullptr) {
-          kl_side_grads(b.xt.data(), p.t.c, p.packed_t.data() + g * p.t.c * k, k, num_present,
-                        b.norm_t, b.inv_t, dcos_t.data(), dot_t,
-                        gt != nullptr ? tile_grad.data() : nullptr,
+          acc* out = gt != nullptr ? tile_output(gt, grad_t->strides, n, l0, count, tile_grad.data(), &out_stride)
+                                   : nullptr;
+          kl_side_grads(b.t_tile, b.t_stride, p.t.c, p.packed_t.data() + g * p.t.c * k, k, num_present,
+                        b.norm_t, b.inv_t, dcos_t.data(), dot_t, out, out_stride,
                         grad_pt != nullptr ? partial_t.data() + item * k * p.t.c : nullptr,
                         x_hat_t.data());
-          if (gt != nullptr) scatter_tile(gt, grad_t->strides, n, l0, p.t.c, count, tile_grad.data());
+          if (gt != nullptr) store_tile(gt, grad_t->strides, n, l0, p.t.c, count, out, tile_grad.data());
         }
       }
     }
@@ -943,14 +1001,14 @@ struct VariationProblem {
 
 // m[t] = x̂_t · P̂[y_t] (1 at ignored pixels and past the tile) for one side of a gathered tile.
 template <typename acc>
-void tile_class_cosines(const acc* x, int64_t channels, const acc* hat_t /* [C][K] */, int64_t k,
-                        const int64_t* classes, acc* norm, acc* inv, acc* m) {
-  tile_norms(x, channels, norm, inv);
+void tile_class_cosines(const acc* x, int64_t stride, int64_t channels, const acc* hat_t /* [C][K] */,
+                        int64_t k, const int64_t* classes, acc* norm, acc* inv, acc* m) {
+  tile_norms(x, stride, channels, norm, inv);
   int64_t cls[kTile];
   for (int64_t t = 0; t < kTile; ++t) cls[t] = std::max<int64_t>(classes[t], 0);
   acc dot[kTile] = {};
   for (int64_t c = 0; c < channels; ++c) {
-    const acc* xc = x + c * kTile;
+    const acc* xc = x + c * stride;
     const acc* pc = hat_t + c * k;
     for (int64_t t = 0; t < kTile; ++t) dot[t] += xc[t] * pc[cls[t]];
   }
@@ -963,6 +1021,9 @@ struct VariationTile {
   std::vector<acc> xs, xt;
   acc norm_s[kTile], inv_s[kTile], m_s[kTile], norm_t[kTile], inv_t[kTile], m_t[kTile];
   int64_t classes[kTile];
+  const acc* s_tile = nullptr;  // the tile of each side: the input itself or xs / xt (load_tile)
+  const acc* t_tile = nullptr;
+  int64_t s_stride = kTile, t_stride = kTile;
   VariationTile(int64_t cs, int64_t ct) : xs(cs * kTile), xt(ct * kTile) {}
 };
 
@@ -970,10 +1031,12 @@ template <typename scalar_t, typename acc>
 void variation_tile(const VariationProblem<acc>& p, int64_t n, int64_t l0, int64_t count,
                     VariationTile<acc>& b) {
   p.labels->tile_classes(n, l0, count, b.classes);
-  gather_tile(p.s.tensor.template const_data_ptr<scalar_t>(), p.s.strides, n, l0, p.s.c, count, b.xs.data());
-  gather_tile(p.t.tensor.template const_data_ptr<scalar_t>(), p.t.strides, n, l0, p.t.c, count, b.xt.data());
-  tile_class_cosines(b.xs.data(), p.s.c, p.ps.hat_of(n), p.k, b.classes, b.norm_s, b.inv_s, b.m_s);
-  tile_class_cosines(b.xt.data(), p.t.c, p.pt.hat_of(n), p.k, b.classes, b.norm_t, b.inv_t, b.m_t);
+  b.s_tile = load_tile(p.s.tensor.template const_data_ptr<scalar_t>(), p.s.strides, n, l0, p.s.c, count,
+                       b.xs.data(), &b.s_stride);
+  b.t_tile = load_tile(p.t.tensor.template const_data_ptr<scalar_t>(), p.t.strides, n, l0, p.t.c, count,
+                       b.xt.data(), &b.t_stride);
+  tile_class_cosines(b.s_tile, b.s_stride, p.s.c, p.ps.hat_of(n), p.k, b.classes, b.norm_s, b.inv_s, b.m_s);
+  tile_class_cosines(b.t_tile, b.t_stride, p.t.c, p.pt.hat_of(n), p.k, b.classes, b.norm_t, b.inv_t, b.m_t);
 }
 
 template <typename scalar_t>
@@ -1073,17 +1136,17 @@ void variation_backward(const Tensor& student, const Tensor& teacher, const Labe
           norm_s[i] = b.norm_s[t];
           norm_t[i] = b.norm_t[t];
         }
-        const auto accumulate = [&](const acc* x, int64_t channels, const acc* inv, acc sign,
-                                    acc* partial) {
+        const auto accumulate = [&](const acc* x, int64_t stride, int64_t channels, const acc* inv,
+                                    acc sign, acc* partial) {
           for (int64_t t = 0; t < count; ++t) {
             if (b.classes[t] < 0) continue;
             const acc w = sign * et[t] * inv[t];
             acc* row = partial + b.classes[t] * channels;
-            for (int64_t c = 0; c < channels; ++c) row[c] += w * x[c * kTile + t];
+            for (int64_t c = 0; c < channels; ++c) row[c] += w * x[c * stride + t];
           }
         };
-        if (grad_s != nullptr) accumulate(b.xs.data(), p.s.c, b.inv_s, acc(1), partial_s.data() + item * k * p.s.c);
-        if (grad_t != nullptr) accumulate(b.xt.data(), p.t.c, b.inv_t, acc(-1), partial_t.data() + item * k * p.t.c);
+        if (grad_s != nullptr) accumulate(b.s_tile, b.s_stride, p.s.c, b.inv_s, acc(1), partial_s.data() + item * k * p.s.c);
+        if (grad_t != nullptr) accumulate(b.t_tile, b.t_stride, p.t.c, b.inv_t, acc(-1), partial_t.data() + item * k * p.t.c);
       }
     }
   });
@@ -1118,13 +1181,14 @@ void variation_backward(const Tensor& student, const Tensor& teacher, const Labe
     const scalar_t* x = f.tensor.template const_data_ptr<scalar_t>();
     scalar_t* out = grad.written.data_ptr<scalar_t>();
     at::parallel_for(0, n_images * p.tiles, 4, [&](int64_t begin, int64_t end) {
-      std::vector<acc> tile(f.c * kTile);
+      std::vector<acc> tile(f.c * kTile), gathered(f.c * kTile);
       int64_t classes[kTile];
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / p.tiles, l0 = (item % p.tiles) * kTile;
         const int64_t count = std::min(kTile, l - l0);
         labels.tile_classes(n, l0, count, classes);
-        gather_tile(x, f.strides, n, l0, f.c, count, tile.data());
+        int64_t stride;
+        const acc* src = load_tile(x, f.strides, n, l0, f.c, count, gathered.data(), &stride);
         acc direct[kTile], project[kTile], inv[kTile];
         int64_t cls[kTile];
         for (int64_t t = 0; t < kTile; ++t) {
@@ -1138,15 +1202,18 @@ void variation_backward(const Tensor& student, const Tensor& teacher, const Labe
         }
         const acc* hat_t = protos.hat_of(n);
         const acc* pooled_n = pooled.data() + n * k * f.c;
+        int64_t out_stride;
+        acc* written = tile_output(out, grad.strides, n, l0, count, tile.data(), &out_stride);
         for (int64_t c = 0; c < f.c; ++c) {
-          acc* xc = tile.data() + c * kTile;
+          const acc* xc = src + c * stride;
+          acc* oc = written + c * out_stride;
           const acc* pc = hat_t + c * k;
           for (int64_t t = 0; t < kTile; ++t) {
             const acc g = direct[t] * pc[cls[t]] - project[t] * xc[t] + pooled_n[cls[t] * f.c + c];
-            xc[t] = classes[t] >= 0 ? g : acc(0);
+            oc[t] = classes[t] >= 0 ? g : acc(0);
           }
         }
-        scatter_tile(out, grad.strides, n, l0, f.c, count, tile.data());
+        store_tile(out, grad.strides, n, l0, f.c, count, written, tile.data());
       }
     });
   };
