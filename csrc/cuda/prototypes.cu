@@ -43,6 +43,7 @@ constexpr int kTile = 32;            // pixels per tile
 constexpr int kPad = kTile + 1;      // row length of [rows][kTile] shared arrays (no bank conflicts)
 constexpr int64_t kUnitPixels = 1024;  // class sums: pixels per warp unit
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kHatPitch = kTile + 4;
 
 // ---------------------------------------------------------------------------------------------
 // Element access: float32 arithmetic for float32 / float16 / bfloat16, float64 for float64.
@@ -106,6 +107,23 @@ __device__ __forceinline__ int class_at(const ProtoLabels& lb, int64_t n, int64_
 template <typename Acc>
 __device__ __forceinline__ Acc inverse_norm(double norm) {
   return static_cast<Acc>(1.0 / fmax(norm, kNormEps));
+}
+
+// Four consecutive elements of 16-byte-aligned shared memory, in vector loads.
+__device__ __forceinline__ void load4(const float* p, float (&v)[4]) {
+  const float4 t = *reinterpret_cast<const float4*>(p);
+  v[0] = t.x;
+  v[1] = t.y;
+  v[2] = t.z;
+  v[3] = t.w;
+}
+__device__ __forceinline__ void load4(const double* p, double (&v)[4]) {
+  const double2 a = *reinterpret_cast<const double2*>(p);
+  const double2 b = *reinterpret_cast<const double2*>(p + 2);
+  v[0] = a.x;
+  v[1] = a.y;
+  v[2] = b.x;
+  v[3] = b.y;
 }
 
 __device__ __forceinline__ double warp_sum(double v) {
@@ -224,7 +242,7 @@ __global__ void __launch_bounds__(32 * SumWarps<acc_t<T>>::value) class_sums_ker
     tile_class[warp][lane] = cls;
     tile_weight[warp][lane] = weights != nullptr && cls >= 0 ? weights[l] : Acc(1);
     const T* pixel = x + l * p.x.strides.l;
-#pragma unroll 8
+#pragma unroll 16  // 16 loads of a lane in flight together
     for (int cc = 0; cc < 32; ++cc) {
       const int64_t c = c_base + cc;
       tile[warp][cc][lane] = cls >= 0 && c < channels ? load(pixel + c * p.x.strides.c) : Acc(0);
@@ -432,7 +450,9 @@ __global__ void __launch_bounds__(kThreads) protos_grad_kernel(ProtosGradParams 
 template <typename Acc>
 struct KLShared {
   Acc xs[kTile][kPad];  // a staged 32-channel slice: [channel][pixel]
-  Acc hs[kTile][kPad];  // a staged slice of 32 prototypes: [class][channel]
+  // A staged slice of 32 prototypes, [channel][class]: a warp's 4 classes are one aligned
+  // vector (rows of kHatPitch elements, a multiple of 4).
+  __align__(16) Acc hs[kTile][kHatPitch];
   Acc partial[kWarps][kTile];
   Acc norm_s[kTile], inv_s[kTile], norm_t[kTile], inv_t[kTile];
   Acc dot_s[kTile], dot_t[kTile];  // Σ_j ∂cos_j cos_j per pixel (backward)
@@ -469,14 +489,16 @@ __device__ __forceinline__ void tile_cosines(const ProtoFeatures& f, int64_t cha
         if (j0 == 0) sq += v * v;
         const int j = j0 + row;
         const int64_t hc = c0 + lane;
-        sh.hs[row][lane] = j < num_present && hc < channels ? hat[present[j] * channels + hc] : Acc(0);
+        sh.hs[lane][row] = j < num_present && hc < channels ? hat[present[j] * channels + hc] : Acc(0);
       }
       __syncthreads();
 #pragma unroll 8
       for (int cc = 0; cc < 32; ++cc) {
         const Acc xv = sh.xs[cc][lane];
+        Acc h[4];
+        load4(&sh.hs[cc][warp * 4], h);  // the same address in every lane: a broadcast
 #pragma unroll
-        for (int r = 0; r < 4; ++r) acc[r] += sh.hs[warp * 4 + r][cc] * xv;
+        for (int r = 0; r < 4; ++r) acc[r] += h[r] * xv;
       }
       __syncthreads();
     }
