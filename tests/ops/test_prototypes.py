@@ -804,3 +804,37 @@ def test_cuda_labels_of_every_integer_dtype_and_strides():
         protos, counts = torch.ops.kdops.prototype_pool(x, labels, 5, ignore_index, True, False)
         assert torch.equal(counts.cpu(), expected[1]), dtype
         assert_close(protos, expected[0], 1e-5, f"protos {dtype}")
+
+
+@pytest.mark.needs_cuda
+def test_cuda_op_errors_name_the_argument():
+    """The CUDA ops check their arguments like the CPU ones (label values are device-side)."""
+    skip_without_cuda_kernels()
+    s = make_features((2, 3, 4, 5), torch.float32, "contiguous", "cuda")
+    t = make_features((2, 2, 4, 5), torch.float32, "contiguous", "cuda", seed=1)
+    labels = make_labels(2, (4, 5), 3, "cuda")
+    namespace = torch.ops.kdops
+    with pytest.raises(TypeError, match="^labels"):
+        namespace.prototype_pool(s, labels.float(), 3, 255, True, False)
+    with pytest.raises(ValueError, match="^labels"):
+        namespace.prototype_pool(s, labels[:1], 3, 255, True, False)
+    with pytest.raises(ValueError, match="^labels"):
+        namespace.prototype_pool(s, labels.cpu(), 3, 255, True, False)
+    with pytest.raises(ValueError, match="^num_classes"):
+        namespace.prototype_pool(s, labels, 0, 255, True, False)
+    with pytest.raises(TypeError, match="^x"):
+        namespace.prototype_pool(s.int(), labels, 3, 255, True, False)
+    with pytest.raises(ValueError, match="^teacher"):
+        namespace.class_variation_loss(s, t[..., :3], labels, 3, 255)
+    protos, counts = namespace.prototype_pool(s, labels, 3, 255, True, False)
+    t_protos, _ = namespace.prototype_pool(t, labels, 3, 255, True, False)
+    with pytest.raises(ValueError, match="^teacher_protos"):
+        namespace.prototype_kl(s, t, protos, protos, counts, 0.1)
+    with pytest.raises(ValueError, match="^counts"):
+        namespace.prototype_kl(s, t, protos, t_protos, counts[:, :2], 0.1)
+    with pytest.raises(TypeError, match="^counts"):
+        namespace.prototype_kl(s, t, protos, t_protos, counts.float(), 0.1)
+    with pytest.raises(ValueError, match="^counts"):
+        namespace.prototype_kl(s, t, protos, t_protos, counts.cpu(), 0.1)
+    with pytest.raises(ValueError, match="^tau"):
+        namespace.prototype_kl(s, t, protos, t_protos, counts, 0.0)
