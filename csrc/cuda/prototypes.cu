@@ -453,6 +453,7 @@ struct KLShared {
   // A staged slice of 32 prototypes, [channel][class]: a warp's 4 classes are one aligned
   // vector (rows of kHatPitch elements, a multiple of 4).
   __align__(16) Acc hs[kTile][kHatPitch];
+  __align__(16) Acc dt[kTile][kHatPitch];  // a 32-class group's ∂cos, [pixel][class]
   Acc partial[kWarps][kTile];
   Acc norm_s[kTile], inv_s[kTile], norm_t[kTile], inv_t[kTile];
   Acc dot_s[kTile], dot_t[kTile];  // Σ_j ∂cos_j cos_j per pixel (backward)
@@ -585,9 +586,13 @@ __device__ __forceinline__ void tile_softmax(int num_presents, int count, double
   __syncthreads();
 }
 
-// One side's gradients of a tile from dcos[j][t] = ∂loss/∂cos_j at pixel t:
-//   features: ∂x̂ = Σ_j dcos_j P̂_j; ∂x = (∂x̂ − x̂ dot) / ‖x‖ (∂x̂ / eps when ‖x‖ ≤ eps);
-//   prototypes: partial[j][c] (+)= Σ_t dcos_j[t] x̂_t[c] (stored on the chunk's first tile).
+// One side's gradients of a tile from dcos[j][t] = ∂loss/∂cos_j at pixel t (0 past `count`),
+// both as small GEMMs over 32-class groups with shared-memory operands:
+//   features: ∂x̂ = Σ_j dcos_j P̂_j (a warp's 4 channels × a lane's pixel, the group's P̂ slice
+//   staged [class][channel]); ∂x = (∂x̂ − x̂ dot) / ‖x‖ (∂x̂ / eps when ‖x‖ ≤ eps);
+//   prototypes: partial[j][c] (+)= Σ_t dcos_j[t] x̂_t[c] (a warp's 4 classes × a lane's channel,
+//   the group's dcos staged [pixel][class] and x̂ [channel][pixel]), stored on the chunk's first
+//   tile, added on the others: one thread owns each element.
 template <typename T>
 __device__ __forceinline__ void tile_side_grads(const ProtoFeatures& f, int64_t channels, int64_t n, int64_t l0,
                                 int count, const acc_t<T>* hat, const int32_t* present,
@@ -598,40 +603,81 @@ __device__ __forceinline__ void tile_side_grads(const ProtoFeatures& f, int64_t 
   using Acc = acc_t<T>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const T* x = static_cast<const T*>(f.data) + n * f.strides.n;
-  if (grad != nullptr && lane < count) {
+  if (grad != nullptr) {
     const int64_t l = l0 + lane;
-    const Acc inv_l = inv[lane], dot_l = dot[lane];
-    const bool projects = static_cast<double>(norm[lane]) > kNormEps;
-    for (int64_t c = warp; c < channels; c += kWarps) {
-      Acc dx = 0;
-      for (int j = 0; j < num_present; ++j) dx += hat[present[j] * channels + c] * dcos[j * kPad + lane];
-      const Acc xv = load(x + c * f.strides.c + l * f.strides.l);
-      const Acc value = (projects ? dx - xv * inv_l * dot_l : dx) * inv_l;
-      store(grad + n * grad_strides.n + c * grad_strides.c + l * grad_strides.l, value);
+    for (int64_t c0 = 0; c0 < channels; c0 += 32) {
+      Acc dx[4] = {0, 0, 0, 0};  // channels c0 + 4·warp + r of pixel `lane`
+      for (int j0 = 0; j0 < num_present; j0 += 32) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int row = warp + kWarps * i;  // class j0 + row, channel c0 + lane
+          const int64_t c = c0 + lane;
+          sh.hs[row][lane] =
+              j0 + row < num_present && c < channels ? hat[present[j0 + row] * channels + c] : Acc(0);
+        }
+        __syncthreads();
+        const int group = num_present - j0 < 32 ? num_present - j0 : 32;
+        for (int jj = 0; jj < group; ++jj) {
+          const Acc d = dcos[(j0 + jj) * kPad + lane];
+          Acc h[4];
+          load4(&sh.hs[jj][warp * 4], h);
+#pragma unroll
+          for (int r = 0; r < 4; ++r) dx[r] += h[r] * d;
+        }
+        __syncthreads();
+      }
+      if (lane < count) {
+        const Acc inv_l = inv[lane], dot_l = dot[lane];
+        const bool projects = static_cast<double>(norm[lane]) > kNormEps;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int64_t c = c0 + warp * 4 + r;
+          if (c >= channels) break;
+          const Acc xv = load(x + c * f.strides.c + l * f.strides.l);
+          const Acc value = (projects ? dx[r] - xv * inv_l * dot_l : dx[r]) * inv_l;
+          store(grad + n * grad_strides.n + c * grad_strides.c + l * grad_strides.l, value);
+        }
+      }
     }
   }
   if (partial == nullptr) return;
-  for (int64_t c0 = 0; c0 < channels; c0 += 32) {
+  for (int j0 = 0; j0 < num_present; j0 += 32) {
+    // The group's dcos as [pixel][class].
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int row = warp + kWarps * i;
-      const int64_t c = c0 + row;
-      sh.xs[row][lane] = c < channels && lane < count
-                             ? load(x + c * f.strides.c + (l0 + lane) * f.strides.l) * inv[lane]
-                             : Acc(0);
+      const int t = warp + kWarps * i;
+      sh.dt[t][lane] = j0 + lane < num_present ? dcos[(j0 + lane) * kPad + t] : Acc(0);
     }
-    __syncthreads();
-    const int64_t c = c0 + lane;
-    for (int j = warp; j < num_present; j += kWarps) {
-      Acc sum = 0;
-#pragma unroll 8
-      for (int t = 0; t < kTile; ++t) sum += dcos[j * kPad + t] * sh.xs[lane][t];
-      if (c < channels) {
-        double* out = partial + static_cast<int64_t>(j) * channels + c;
-        *out = first_tile ? static_cast<double>(sum) : *out + static_cast<double>(sum);
+    for (int64_t c0 = 0; c0 < channels; c0 += 32) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = warp + kWarps * i;
+        const int64_t c = c0 + row;
+        sh.xs[row][lane] = c < channels && lane < count
+                               ? load(x + c * f.strides.c + (l0 + lane) * f.strides.l) * inv[lane]
+                               : Acc(0);
       }
+      __syncthreads();
+      Acc sum[4] = {0, 0, 0, 0};  // classes j0 + 4·warp + r of channel c0 + lane
+#pragma unroll 8
+      for (int t = 0; t < kTile; ++t) {
+        const Acc xv = sh.xs[lane][t];
+        Acc d[4];
+        load4(&sh.dt[t][warp * 4], d);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) sum[r] += d[r] * xv;
+      }
+      const int64_t c = c0 + lane;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int j = j0 + warp * 4 + r;
+        if (j < num_present && c < channels) {
+          double* out = partial + static_cast<int64_t>(j) * channels + c;
+          *out = first_tile ? static_cast<double>(sum[r]) : *out + static_cast<double>(sum[r]);
+        }
+      }
+      __syncthreads();
     }
-    __syncthreads();
   }
 }
 
