@@ -305,6 +305,7 @@ __global__ void __launch_bounds__(kThreads) pixel_inverse_norms_kernel(PixelInve
   Acc sq = 0;
   if (l < p.l) {
     const T* x = static_cast<const T*>(p.x.data) + n * p.x.strides.n + l * p.x.strides.l;
+#pragma unroll 4  // several loads in flight per thread
     for (int64_t c = warp; c < p.x.c; c += kWarps) {
       const Acc v = load(x + c * p.x.strides.c);
       sq += v * v;
@@ -339,6 +340,7 @@ __global__ void __launch_bounds__(kThreads) pool_backward_kernel(PoolBackwardPar
     // x̂·r = (x·r)/‖x‖; the projection is then x · (x·r)/‖x‖² (none when ‖x‖ ≤ eps).
     Acc sq = 0, dot = 0;
     if (cls >= 0) {
+#pragma unroll 4  // several loads in flight per thread
       for (int64_t c = warp; c < channels; c += kWarps) {
         const Acc v = load(x + c * p.x.strides.c);
         sq += v * v;
@@ -352,6 +354,7 @@ __global__ void __launch_bounds__(kThreads) pool_backward_kernel(PoolBackwardPar
     coef = norm > kNormEps ? dot * inv * inv : Acc(0);
   }
   if (l >= p.l) return;
+#pragma unroll 4  // several loads in flight per thread
   for (int64_t c = warp; c < channels; c += kWarps) {
     Acc value = 0;
     if (cls >= 0) {
@@ -772,6 +775,7 @@ __device__ __forceinline__ acc_t<T> class_cosine(const ProtoFeatures& f, int64_t
   if (cls >= 0) {
     const T* x = static_cast<const T*>(f.data) + n * f.strides.n + l * f.strides.l;
     const Acc* row = hat + (n * num_classes + cls) * f.c;
+#pragma unroll 4  // several loads in flight per thread
     for (int64_t c = warp; c < f.c; c += kWarps) {
       const Acc v = load(x + c * f.strides.c);
       sq += v * v;
@@ -838,6 +842,7 @@ __global__ void __launch_bounds__(kThreads) variation_grad_kernel(VariationGradP
   const Acc* hat = static_cast<const Acc*>(p.hat) + (n * p.k + cls) * p.x.c;
   const Acc* pooled = static_cast<const Acc*>(p.pooled) + (n * p.k + cls) * p.x.c;
   const T* x = static_cast<const T*>(p.x.data) + n * p.x.strides.n + l * p.x.strides.l;
+#pragma unroll 4  // several loads in flight per thread
   for (int64_t c = warp; c < p.x.c; c += kWarps) {
     const Acc value = direct * hat[c] - project * load(x + c * p.x.strides.c) + pooled[c];
     store(out + c * p.grad_strides.c, value);
