@@ -3,7 +3,7 @@
 //
 // Work units (every one a function of the shapes only, never of the device: bitwise
 // reproducible results):
-//   class sums   a warp per unit of kUnitPixels consecutive pixels of one image and a block column
+//   class sums   a warp per unit of unit_pixels(K) consecutive pixels of one image and a block column
 //                of 32 channels. The warp stages 32 pixels × 32 channels in shared memory (lanes
 //                along the pixels: coalesced in NCHW), then walks the pixels in order with its
 //                lanes along the channels, summing runs of one class in a float64 register and
@@ -41,7 +41,12 @@ constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kTile = 32;            // pixels per tile
 constexpr int kPad = kTile + 1;      // row length of [rows][kTile] shared arrays (no bank conflicts)
-constexpr int64_t kUnitPixels = 1024;  // class sums: pixels per warp unit
+// Class sums: pixels per warp unit. Smaller units give more warps (loads in flight); each unit
+// has K × C float64 partial sums, so many classes take larger units (at most about a third of
+// the features' bytes for float32, K ≤ 64 with 512 pixels, K ≤ 150 with 1024).
+__host__ __device__ __forceinline__ int64_t unit_pixels(int64_t num_classes) {
+  return num_classes <= 64 ? 512 : 1024;
+}
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kHatPitch = kTile + 4;
 
@@ -201,7 +206,8 @@ __global__ void __launch_bounds__(32 * SumWarps<acc_t<T>>::value) class_sums_ker
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t num_classes = p.labels.num_classes, channels = p.x.c;
   const int64_t length = p.labels.height * p.labels.width;
-  const int64_t units = (length + kUnitPixels - 1) / kUnitPixels;
+  const int64_t unit_length = unit_pixels(num_classes);
+  const int64_t units = (length + unit_length - 1) / unit_length;
   const int64_t blocks_per_image = (units + kSumWarps - 1) / kSumWarps;
   const int64_t n = blockIdx.x / blocks_per_image;
   const int64_t unit = (blockIdx.x % blocks_per_image) * kSumWarps + warp;
@@ -216,8 +222,8 @@ __global__ void __launch_bounds__(32 * SumWarps<acc_t<T>>::value) class_sums_ker
   const Acc* weights =
       p.weights != nullptr ? static_cast<const Acc*>(p.weights) + n * p.weights_stride_n : nullptr;
   double* sums = p.sums + (n * units + unit) * num_classes * channels;
-  const int64_t l_begin = unit * kUnitPixels;
-  const int64_t l_end = l_begin + kUnitPixels < length ? l_begin + kUnitPixels : length;
+  const int64_t l_begin = unit * unit_length;
+  const int64_t l_end = l_begin + unit_length < length ? l_begin + unit_length : length;
 
   int current = -1;  // the class of the run being summed (warp-uniform)
   double run = 0.0;
@@ -871,11 +877,13 @@ __global__ void __launch_bounds__(kThreads) sum_kernel(SumParams p) {
 // ---------------------------------------------------------------------------------------------
 // Launchers
 
-int64_t class_sum_units(int64_t l) { return (l + kUnitPixels - 1) / kUnitPixels; }
+int64_t class_sum_units(int64_t l, int64_t num_classes) {
+  return (l + unit_pixels(num_classes) - 1) / unit_pixels(num_classes);
+}
 
 cudaError_t launch_class_sums(const ClassSumsParams& params, cudaStream_t stream) {
   const int64_t length = params.labels.height * params.labels.width;
-  const int64_t units = class_sum_units(length);
+  const int64_t units = class_sum_units(length, params.labels.num_classes);
   const int64_t channel_tiles = (params.x.c + 31) / 32;
   if (channel_tiles > 65535) return cudaErrorInvalidValue;
   return with_dtype(params.dtype, [&](auto tag) {

@@ -50,8 +50,8 @@ struct ProtoFeatures {
 
 // ---------------------------------------------------------------------------------------------
 // Class sums: sums[n, u, k, c] = Σ_{i in unit u of image n, y_i = k} w_i x[n, c, i] (float64),
-// for units of kUnitPixels consecutive pixels, and unit_counts[n, u, k] (int32) the number of
-// such pixels. w = 1, or weights[n, i] (acc type: float32, float64 for float64 features).
+// for units of consecutive pixels (class_sum_units per image), and unit_counts[n, u, k] (int32)
+// the number of such pixels. w = 1, or weights[n, i] (acc type: float32, float64 for float64 features).
 // Only the (u, k) with unit_counts > 0 are written in `sums`; unit_counts is written in full.
 struct ClassSumsParams {
   ProtoFeatures x;
@@ -63,7 +63,7 @@ struct ClassSumsParams {
   double* sums;         // (N, units, K, C)
   int32_t* unit_counts; // (N, units, K)
 };
-int64_t class_sum_units(int64_t l);  // units per image
+int64_t class_sum_units(int64_t l, int64_t num_classes);  // units per image
 
 // protos[g, k, c] = Σ sums / max(count, 1) over the units of the images of group g (image g per
 // image, every image per batch) in unit order; counts[g, k] = Σ unit_counts (int64).

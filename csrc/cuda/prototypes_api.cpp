@@ -188,7 +188,7 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 std::tuple<Tensor, Tensor> class_sums(const Tensor& x /* readable */, const Labels& labels,
                                       const Tensor& weights = Tensor(), int64_t weights_stride_n = 0) {
   const int64_t n = x.size(0), c = x.size(1), k = labels.params.num_classes;
-  const int64_t units = class_sum_units(x.size(2) * x.size(3));
+  const int64_t units = class_sum_units(x.size(2) * x.size(3), k);
   TORCH_CHECK_VALUE((c + 31) / 32 <= 65535, "the CUDA kernels take at most ", 65535 * 32,
                     " channels, got ", c);
   Tensor sums = at::empty({n, units, k, c}, x.options().dtype(at::kDouble));
