@@ -160,10 +160,11 @@ unsigned int grid_for(int64_t items, int64_t per_block) {
   return static_cast<unsigned int>(blocks < 2147483647 ? blocks : 2147483647);
 }
 
-// Static plus dynamic shared memory above 48 KiB must be requested per kernel (set every
-// launch: the kernel's limit is the largest of any launch so far only if set each time).
+// Static plus dynamic shared memory above 48 KiB must be requested per kernel (only then: the
+// common launches make no extra runtime call).
 template <typename Kernel>
-cudaError_t allow_shared(Kernel kernel, size_t dynamic_bytes) {
+cudaError_t allow_shared(Kernel kernel, size_t dynamic_bytes, size_t static_bytes) {
+  if (dynamic_bytes + static_bytes <= 48 * 1024) return cudaSuccess;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               static_cast<int>(dynamic_bytes));
 }
@@ -195,13 +196,23 @@ struct SumWarps {
   static constexpr int value = sizeof(Acc) == 8 ? 4 : 8;
 };
 
+// Static shared memory of the class-sums kernel: each warp's staged tile.
+template <typename Acc>
+struct ClassSumsShared {
+  static constexpr int kSumWarps = SumWarps<Acc>::value;
+  Acc tile[kSumWarps][kTile][kPad];  // [channel][pixel], then read [lane=channel][t]
+  int tile_class[kSumWarps][kTile];
+  Acc tile_weight[kSumWarps][kTile];
+};
+
 template <typename T>
 __global__ void __launch_bounds__(32 * SumWarps<acc_t<T>>::value) class_sums_kernel(ClassSumsParams p) {
   using Acc = acc_t<T>;
   constexpr int kSumWarps = SumWarps<Acc>::value;
-  __shared__ Acc tile[kSumWarps][kTile][kPad];  // [channel][pixel], then read [lane=channel][t]
-  __shared__ int tile_class[kSumWarps][kTile];
-  __shared__ Acc tile_weight[kSumWarps][kTile];
+  __shared__ ClassSumsShared<Acc> sh;
+  auto& tile = sh.tile;
+  auto& tile_class = sh.tile_class;
+  auto& tile_weight = sh.tile_weight;
   extern __shared__ int32_t class_counts_shared[];  // [kSumWarps][K]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t num_classes = p.labels.num_classes, channels = p.x.c;
@@ -891,7 +902,7 @@ cudaError_t launch_class_sums(const ClassSumsParams& params, cudaStream_t stream
     constexpr int kSumWarps = SumWarps<acc_t<T>>::value;
     const int64_t blocks_per_image = (units + kSumWarps - 1) / kSumWarps;
     const size_t dynamic = static_cast<size_t>(kSumWarps) * params.labels.num_classes * sizeof(int32_t);
-    const cudaError_t status = allow_shared(class_sums_kernel<T>, dynamic);
+    const cudaError_t status = allow_shared(class_sums_kernel<T>, dynamic, sizeof(ClassSumsShared<acc_t<T>>));
     if (status != cudaSuccess) return status;
     const dim3 grid(static_cast<unsigned int>(params.n * blocks_per_image),
                     static_cast<unsigned int>(channel_tiles));
@@ -963,7 +974,8 @@ cudaError_t launch_prototype_kl(const PrototypeKLParams& params, cudaStream_t st
   return with_dtype(params.dtype, [&](auto tag) {
     using T = decltype(tag);
     const size_t dynamic = kl_dynamic_bytes<acc_t<T>>(params.k);
-    const cudaError_t status = allow_shared(prototype_kl_kernel<T, kBackward>, dynamic);
+    const cudaError_t status =
+        allow_shared(prototype_kl_kernel<T, kBackward>, dynamic, sizeof(KLShared<acc_t<T>>));
     if (status != cudaSuccess) return status;
     prototype_kl_kernel<T, kBackward><<<blocks, kThreads, dynamic, stream>>>(params);
     return cudaGetLastError();
