@@ -838,3 +838,41 @@ def test_cuda_op_errors_name_the_argument():
         namespace.prototype_kl(s, t, protos, t_protos, counts.cpu(), 0.1)
     with pytest.raises(ValueError, match="^tau"):
         namespace.prototype_kl(s, t, protos, t_protos, counts, 0.0)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("op", ["pool", "pool-normalized", "kl", "kl-protos", "variation"])
+def test_cuda_no_feature_sized_temporaries(op):
+    """Forward + backward allocate nothing of the features' size beyond the gradients: the
+    per-unit and per-chunk partial sums and the per-pixel statistics stay well under it."""
+    skip_without_cuda_kernels()
+    n, c, h, w, k = 2, 64, 64, 64, 19
+    labels = make_labels(n, (h, w), k, "cuda", seed=3)
+    s = make_features((n, c, h, w), torch.float32, "contiguous", "cuda", seed=1).requires_grad_(True)
+    t = make_features((n, c, h, w), torch.float32, "contiguous", "cuda", seed=2).requires_grad_(True)
+    s_protos, counts = kdops.prototype_pool(s.detach(), labels, k, backend="cuda")
+    t_protos, _ = kdops.prototype_pool(t.detach(), labels, k, backend="cuda")
+
+    def run():
+        if op.startswith("pool"):
+            protos, _ = kdops.prototype_pool(s, labels, k, normalize_features=op == "pool-normalized",
+                                             backend="cuda")
+            return protos.square().sum(), (s,)
+        if op == "kl":
+            return kdops.prototype_kl(s, t, s_protos, t_protos, counts, backend="cuda"), (s, t)
+        if op == "kl-protos":  # with the prototypes' gradients: the per-chunk partial sums
+            ps, pt = s_protos.requires_grad_(True), t_protos.requires_grad_(True)
+            return kdops.prototype_kl(s, t, ps, pt, counts, backend="cuda"), (s, t, ps, pt)
+        return kdops.class_variation_loss(s, t, labels, k, backend="cuda"), (s, t)
+
+    run()  # warm-up: the allocator's pools, lazy initialisation
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss, inputs = run()
+    grads = torch.autograd.grad(loss, inputs)
+    torch.cuda.synchronize()
+    gradient_bytes = sum(g.numel() * g.element_size() for g in grads)
+    extra = torch.cuda.max_memory_allocated() - base - gradient_bytes
+    feature_bytes = s.numel() * s.element_size() + t.numel() * t.element_size()
+    assert extra <= 0.5 * feature_bytes, (extra, feature_bytes)
