@@ -701,8 +701,10 @@ __device__ __forceinline__ void tile_side_grads(const ProtoFeatures& f, int64_t 
   }
 }
 
+// Blocks per SM the register budget is cut for: without it ptxas (sm_80, the setup.py flags)
+// caps the kernels at 64 registers and spills; the backward keeps ~120 registers (2 blocks).
 template <typename T, bool kBackward>
-__global__ void __launch_bounds__(kThreads) prototype_kl_kernel(PrototypeKLParams p) {
+__global__ void __launch_bounds__(kThreads, kBackward ? 2 : 3) prototype_kl_kernel(PrototypeKLParams p) {
   using Acc = acc_t<T>;
   __shared__ KLShared<Acc> sh;
   extern __shared__ __align__(16) unsigned char kl_dynamic[];
