@@ -133,18 +133,21 @@ OPS: dict[str, OpSpec] = {
             "prototype_pool",
             _ref("prototypes", "prototype_pool"),
             cpu="kdops.ops.prototypes:_prototype_pool_extension",
+            cuda="kdops.ops.prototypes:_prototype_pool_extension",
             triton="kdops.triton.prototypes:prototype_pool",
         ),
         OpSpec(
             "prototype_kl",
             _ref("prototypes", "prototype_kl"),
             cpu="kdops.ops.prototypes:_prototype_kl_extension",
+            cuda="kdops.ops.prototypes:_prototype_kl_extension",
             triton="kdops.triton.prototypes:prototype_kl",
         ),
         OpSpec(
             "class_variation_loss",
             _ref("prototypes", "class_variation_loss"),
             cpu="kdops.ops.prototypes:_class_variation_loss_extension",
+            cuda="kdops.ops.prototypes:_class_variation_loss_extension",
             triton="kdops.triton.prototypes:class_variation_loss",
         ),
         OpSpec(

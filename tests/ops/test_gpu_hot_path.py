@@ -20,6 +20,7 @@ def calls(device):
     labels[0, 0] = 255
     weight = leaf(NUM_CLASSES, 8)
     protos, counts = kdops.prototype_pool(s.detach(), labels, NUM_CLASSES)
+    batch_counts = kdops.prototype_pool(s.detach(), labels, NUM_CLASSES, per_image=False)[1]
 
     def total(out):
         return out.sum() if isinstance(out, torch.Tensor) else sum(o.float().sum() for o in out if o.is_floating_point())
@@ -33,7 +34,13 @@ def calls(device):
         "class_attention_map": lambda: kdops.class_attention_map(s, weight),
         "class_attention_loss": lambda: kdops.class_attention_loss(s, t, weight, weight),
         "prototype_pool": lambda: kdops.prototype_pool(s, labels, NUM_CLASSES)[0],
+        "prototype_pool_batch_normalized": lambda: kdops.prototype_pool(
+            s, labels, NUM_CLASSES, per_image=False, normalize_features=True)[0],
         "prototype_kl": lambda: kdops.prototype_kl(s, t, protos, protos, counts),
+        # APD's chain: batch prototypes of the features themselves, gradients through them.
+        "prototype_kl_pooled": lambda: kdops.prototype_kl(
+            s, t, kdops.prototype_pool(s, labels, NUM_CLASSES, per_image=False)[0],
+            kdops.prototype_pool(t, labels, NUM_CLASSES, per_image=False)[0], batch_counts),
         "class_variation_loss": lambda: kdops.class_variation_loss(s, t, labels, NUM_CLASSES),
         "channel_correlation": lambda: kdops.channel_correlation(s),
         "channel_correlation_loss": lambda: kdops.channel_correlation_loss(s, t),

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -38,10 +41,13 @@ CASES = [
     pytest.param((2, 9, 3, 11), 1, (6, 11), id="K1"),
     pytest.param((2, 7, 6, 6), 150, (12, 12), id="K150"),
 ]
-# CPU only: several tiles and work chunks per image, channel blocks with a ragged end.
+# The C++ kernels (CPU and CUDA; too large for the Triton interpreter): several tiles, work
+# chunks and class-sum units per image, channel blocks with a ragged end, more present classes
+# than one 32-class group of the CUDA prototype_kl kernels.
 LARGE_CASES = [
     pytest.param((2, 37, 23, 29), 19, (46, 58), id="37ch-23x29-K19"),
     pytest.param((1, 64, 48, 70), 8, (24, 35), id="64ch-48x70"),
+    pytest.param((2, 45, 30, 41), 150, (60, 82), id="45ch-30x41-K150"),
 ]
 LAYOUTS = ("contiguous", "channels_last", "strided")
 TAUS = [pytest.param(0.1, id="tau0.1"), pytest.param(1.0, id="tau1")]
@@ -161,11 +167,11 @@ def test_prototype_pool_normalized_zero_pixels(device, backend):
     check_pool(backend, x, labels, 3, 1e-5, 1e-5, True, normalize=True)
 
 
-@pytest.mark.parametrize("device,backend", CPU_ONLY)
+@pytest.mark.parametrize("device,backend", EXTENSION_BACKENDS)
 @pytest.mark.parametrize("dtype,tol,grad_tol", TOLERANCES)
 @pytest.mark.parametrize("shape,num_classes,label_size", LARGE_CASES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_prototype_pool_large_cpu(device, backend, dtype, tol, grad_tol, shape, num_classes,
+def test_prototype_pool_large(device, backend, dtype, tol, grad_tol, shape, num_classes,
                                   label_size, layout):
     labels = make_labels(shape[0], label_size, num_classes, device)
     x = make_features(shape, dtype, layout, device)
@@ -231,11 +237,11 @@ def test_prototype_kl_tau_and_protos_dtype(device, backend, tau, protos_dtype):
     check_kl(backend, *inputs, tau, 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("device,backend", CPU_ONLY)
+@pytest.mark.parametrize("device,backend", EXTENSION_BACKENDS)
 @pytest.mark.parametrize("dtype,tol,grad_tol", TOLERANCES)
 @pytest.mark.parametrize("shape,num_classes,label_size", LARGE_CASES)
 @pytest.mark.parametrize("per_image", [True, False], ids=["per-image", "per-batch"])
-def test_prototype_kl_large_cpu(device, backend, dtype, tol, grad_tol, shape, num_classes,
+def test_prototype_kl_large(device, backend, dtype, tol, grad_tol, shape, num_classes,
                                 label_size, per_image):
     inputs = kl_inputs(shape, 2 * shape[1], num_classes, label_size, dtype, "channels_last", device,
                        per_image, seed=4)
@@ -329,11 +335,11 @@ def test_class_variation_loss_matches_reference(device, backend, dtype, tol, gra
         check_variation(backend, s, t, labels, num_classes, tol, grad_tol)
 
 
-@pytest.mark.parametrize("device,backend", CPU_ONLY)
+@pytest.mark.parametrize("device,backend", EXTENSION_BACKENDS)
 @pytest.mark.parametrize("dtype,tol,grad_tol", TOLERANCES)
 @pytest.mark.parametrize("shape,num_classes,label_size", LARGE_CASES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_class_variation_loss_large_cpu(device, backend, dtype, tol, grad_tol, shape, num_classes,
+def test_class_variation_loss_large(device, backend, dtype, tol, grad_tol, shape, num_classes,
                                         label_size, layout):
     labels = make_labels(shape[0], label_size, num_classes, device, seed=5)
     s = make_features(shape, dtype, layout, device, seed=6)
@@ -702,3 +708,171 @@ def test_cuda_backend_on_cpu_tensors_says_why(op):
     }[op]
     with pytest.raises(kd_backend.BackendUnavailableError, match="cuda"):
         getattr(kdops, op)(*args, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernels: what only they have
+
+
+def skip_without_cuda_kernels(op="prototype_pool"):
+    reason = kd_backend.unavailable_reason(op, "cuda", "cuda", torch.float32)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("per_image", [True, False], ids=["per-image", "per-batch"])
+def test_cuda_float64_kernels_gradcheck(per_image):
+    """The CUDA kernels' float64 path (float64 accumulation), through the ops directly (the public
+    API sends float64 CUDA tensors to the reference): gradcheck and the CPU kernels' values."""
+    skip_without_cuda_kernels()
+    ops_ = torch.ops.kdops
+    labels = make_labels(2, (5, 3), 3, "cuda", seed=4)
+    s = make_features((2, 3, 4, 5), torch.float64, "contiguous", "cuda").requires_grad_(True)
+    t = make_features((2, 2, 4, 5), torch.float64, "channels_last", "cuda", seed=1).requires_grad_(True)
+    for normalize in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda a: ops_.prototype_pool(a, labels, 3, 255, per_image, normalize)[0], (s,))
+        got = ops_.prototype_pool(s, labels, 3, 255, per_image, normalize)
+        expected = ops_.prototype_pool(s.detach().cpu(), labels.cpu(), 3, 255, per_image, normalize)
+        torch.testing.assert_close(got[0].cpu(), expected[0], rtol=1e-12, atol=1e-14)
+        assert torch.equal(got[1].cpu(), expected[1])
+    protos, counts = ops_.prototype_pool(s.detach(), labels, 3, 255, per_image, False)
+    t_protos, _ = ops_.prototype_pool(t.detach(), labels, 3, 255, per_image, False)
+    protos.requires_grad_(True)
+    t_protos.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, pa, pb: ops_.prototype_kl(a, b, pa, pb, counts, 0.3), (s, t, protos, t_protos))
+    loss = ops_.prototype_kl(s, t, protos, t_protos, counts, 0.3)
+    expected = ops_.prototype_kl(*(v.detach().cpu() for v in (s, t, protos, t_protos)), counts.cpu(), 0.3)
+    torch.testing.assert_close(loss.cpu(), expected, rtol=1e-12, atol=1e-14)
+    if per_image:
+        assert torch.autograd.gradcheck(
+            lambda a, b: ops_.class_variation_loss(a, b, labels, 3, 255)[0], (s, t))
+
+
+@pytest.mark.needs_cuda
+def test_cuda_matches_cpu_kernels_on_a_large_case():
+    """A realistic shape (several class-sum units, prototype_kl chunks and 32-class groups)
+    against the CPU kernels, float32, every output and gradient."""
+    skip_without_cuda_kernels()
+    labels = make_labels(2, (96, 128), 40, "cpu", ignored=0.1, seed=11)
+    s = make_features((2, 64, 48, 64), torch.float32, "contiguous", "cpu", seed=12)
+    t = make_features((2, 96, 48, 64), torch.float32, "contiguous", "cpu", seed=13)
+    cpu = all_results("cpu", s, t, labels, 40)
+    cuda = all_results("cuda", s.cuda(), t.cuda(), labels.cuda(), 40)
+    names = ("protos", "counts", "kl", "batch protos", "batch kl", "variation", "grad s", "grad t")
+    for name, a, b in zip(names, cuda, cpu):
+        assert a.dtype == b.dtype, name
+        if not a.dtype.is_floating_point:
+            assert torch.equal(a.cpu(), b), name
+        else:
+            assert_close(a, b, 2e-5, name, unit=pixel_unit(s) if name.startswith("grad") else 0.0)
+
+
+@pytest.mark.needs_cuda
+def test_cuda_label_outside_the_classes_is_a_device_side_error():
+    """The ops themselves (no public-API check) flag a bad label; the flag is a device-side
+    assert, which ends its CUDA context, so it runs in a process of its own."""
+    skip_without_cuda_kernels()
+    script = textwrap.dedent("""
+        import torch, kdops
+        x = torch.randn(2, 3, 4, 5, device="cuda")
+        labels = torch.zeros(2, 4, 5, dtype=torch.uint8, device="cuda")
+        labels[1, 2, 3] = 7
+        try:
+            torch.ops.kdops.prototype_pool(x, labels, 3, 255, True, False)
+            torch.cuda.synchronize()
+        except RuntimeError as exc:
+            print("raised:", exc)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "labels hold a label outside [0, num_classes)" in result.stdout + result.stderr
+
+
+@pytest.mark.needs_cuda
+def test_cuda_labels_of_every_integer_dtype_and_strides():
+    """The CUDA kernels read the labels in their own dtype and strides (no converted copy)."""
+    skip_without_cuda_kernels()
+    wide = make_labels(2, (9, 22), 5, "cuda")
+    x = make_features((2, 4, 6, 7), torch.float32, "contiguous", "cuda")
+    expected = ref.prototype_pool(x.cpu(), wide[:, :, ::2].cpu(), 5)
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        labels = wide.to(dtype)[:, :, ::2]
+        assert not labels.is_contiguous()
+        ignore_index = -1 if dtype == torch.int8 else 255  # 255 wraps to -1 in int8
+        protos, counts = torch.ops.kdops.prototype_pool(x, labels, 5, ignore_index, True, False)
+        assert torch.equal(counts.cpu(), expected[1]), dtype
+        assert_close(protos, expected[0], 1e-5, f"protos {dtype}")
+
+
+@pytest.mark.needs_cuda
+def test_cuda_op_errors_name_the_argument():
+    """The CUDA ops check their arguments like the CPU ones (label values are device-side)."""
+    skip_without_cuda_kernels()
+    s = make_features((2, 3, 4, 5), torch.float32, "contiguous", "cuda")
+    t = make_features((2, 2, 4, 5), torch.float32, "contiguous", "cuda", seed=1)
+    labels = make_labels(2, (4, 5), 3, "cuda")
+    namespace = torch.ops.kdops
+    with pytest.raises(TypeError, match="^labels"):
+        namespace.prototype_pool(s, labels.float(), 3, 255, True, False)
+    with pytest.raises(ValueError, match="^labels"):
+        namespace.prototype_pool(s, labels[:1], 3, 255, True, False)
+    with pytest.raises(ValueError, match="^labels"):
+        namespace.prototype_pool(s, labels.cpu(), 3, 255, True, False)
+    with pytest.raises(ValueError, match="^num_classes"):
+        namespace.prototype_pool(s, labels, 0, 255, True, False)
+    with pytest.raises(TypeError, match="^x"):
+        namespace.prototype_pool(s.int(), labels, 3, 255, True, False)
+    with pytest.raises(ValueError, match="^teacher"):
+        namespace.class_variation_loss(s, t[..., :3], labels, 3, 255)
+    protos, counts = namespace.prototype_pool(s, labels, 3, 255, True, False)
+    t_protos, _ = namespace.prototype_pool(t, labels, 3, 255, True, False)
+    with pytest.raises(ValueError, match="^teacher_protos"):
+        namespace.prototype_kl(s, t, protos, protos, counts, 0.1)
+    with pytest.raises(ValueError, match="^counts"):
+        namespace.prototype_kl(s, t, protos, t_protos, counts[:, :2], 0.1)
+    with pytest.raises(TypeError, match="^counts"):
+        namespace.prototype_kl(s, t, protos, t_protos, counts.float(), 0.1)
+    with pytest.raises(ValueError, match="^counts"):
+        namespace.prototype_kl(s, t, protos, t_protos, counts.cpu(), 0.1)
+    with pytest.raises(ValueError, match="^tau"):
+        namespace.prototype_kl(s, t, protos, t_protos, counts, 0.0)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("op", ["pool", "pool-normalized", "kl", "kl-protos", "variation"])
+def test_cuda_no_feature_sized_temporaries(op):
+    """Forward + backward allocate nothing of the features' size beyond the gradients: the
+    per-unit and per-chunk partial sums and the per-pixel statistics stay well under it."""
+    skip_without_cuda_kernels()
+    n, c, h, w, k = 2, 64, 64, 64, 19
+    labels = make_labels(n, (h, w), k, "cuda", seed=3)
+    s = make_features((n, c, h, w), torch.float32, "contiguous", "cuda", seed=1).requires_grad_(True)
+    t = make_features((n, c, h, w), torch.float32, "contiguous", "cuda", seed=2).requires_grad_(True)
+    s_protos, counts = kdops.prototype_pool(s.detach(), labels, k, backend="cuda")
+    t_protos, _ = kdops.prototype_pool(t.detach(), labels, k, backend="cuda")
+
+    def run():
+        if op.startswith("pool"):
+            protos, _ = kdops.prototype_pool(s, labels, k, normalize_features=op == "pool-normalized",
+                                             backend="cuda")
+            return protos.square().sum(), (s,)
+        if op == "kl":
+            return kdops.prototype_kl(s, t, s_protos, t_protos, counts, backend="cuda"), (s, t)
+        if op == "kl-protos":  # with the prototypes' gradients: the per-chunk partial sums
+            ps, pt = s_protos.requires_grad_(True), t_protos.requires_grad_(True)
+            return kdops.prototype_kl(s, t, ps, pt, counts, backend="cuda"), (s, t, ps, pt)
+        return kdops.class_variation_loss(s, t, labels, k, backend="cuda"), (s, t)
+
+    run()  # warm-up: the allocator's pools, lazy initialisation
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss, inputs = run()
+    grads = torch.autograd.grad(loss, inputs)
+    torch.cuda.synchronize()
+    gradient_bytes = sum(g.numel() * g.element_size() for g in grads)
+    extra = torch.cuda.max_memory_allocated() - base - gradient_bytes
+    feature_bytes = s.numel() * s.element_size() + t.numel() * t.element_size()
+    assert extra <= 0.5 * feature_bytes, (extra, feature_bytes)

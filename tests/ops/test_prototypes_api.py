@@ -256,3 +256,28 @@ def test_labels_equal_to_a_custom_ignore_index_are_accepted(backend):
     labels = LABELS.masked_fill(LABELS == 255, -1)
     assert_same(kdops.prototype_pool(X, labels, 3, -1, backend=backend), ref.prototype_pool(X, LABELS, 3, 255),
                 exact=backend == "reference")
+
+
+def _on_cuda(args):
+    return tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _on_cpu(result):
+    return tuple(r.cpu() for r in result) if isinstance(result, tuple) else result.cpu()
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("backend", ["auto", "cuda"])
+@pytest.mark.parametrize("op", OPS)
+def test_public_api_on_cuda_tensors_equals_reference(op, backend, monkeypatch):
+    """CUDA tensors: "auto" runs a fused backend, and the CUDA kernels named explicitly give the
+    reference's values with the arguments in the public order."""
+    monkeypatch.delenv(kd_backend.BACKEND_ENV_VAR, raising=False)
+    args = _on_cuda(ARGS[op]())
+    reason = kd_backend.unavailable_reason(op, "cuda", "cuda", torch.float32)
+    if backend == "cuda" and reason is not None:
+        pytest.skip(reason)
+    if backend == "auto":
+        assert kd_backend.resolve(op, "auto", args[0].device, args[0].dtype) in ("cuda", "triton")
+    result = getattr(kdops, op)(*args, backend=backend)
+    assert_same(_on_cpu(result), getattr(ref, op)(*ARGS[op]()), exact=False)
