@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in one command on a fresh GPU machine (torch with CUDA, triton,
 # nvcc, ninja, pybind11 present; no network), inside one time budget:
 #
-#   bash benchmarks/gpu_check.sh              # results in benchmarks/results/, logs in $OUT or /tmp
+#   bash benchmarks/gpu_check.sh              # results in benchmarks/results/ (and $OUT), logs in $OUT
 #   KDOPS_GPU_BUDGET_S=560 bash benchmarks/gpu_check.sh
 #
 # 1. build: kdops with its CUDA kernels for this GPU's architecture only;
@@ -21,8 +21,9 @@
 # are copied to $OUT. Exit status: 0 when every test process and fuzz chunk that ran passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-LOGS="${OUT:-/tmp/kdops-gpu-check}"
-mkdir -p "$LOGS"
+# Logs gather in a scratch folder and reach $OUT as one archive (a lease brings back a limited
+# number of files: dozens of fuzz-chunk logs once crowded out the results files).
+LOGS=$(mktemp -d /tmp/kdops-gpu-check.XXXX)
 export PYTHONUNBUFFERED=1
 started=$(date +%s)
 budget=${KDOPS_GPU_BUDGET_S:-560}
@@ -105,24 +106,33 @@ grep -h "passed\|failed\|error" "$LOGS"/tests-*.log | grep -v "^tests/" | tail -
 grep -l " failed\| error" "$LOGS"/tests-*.log >/dev/null 2>&1 && tests_rc=1
 python - "$LOGS/fuzz-chunks.log" "$chunk_examples" <<'EOF' | tee "$LOGS/fuzz-summary.log"
 import collections, re, sys
-passed, failed = collections.Counter(), collections.Counter()
+passed, failed, skipped = collections.Counter(), collections.Counter(), collections.Counter()
 for line in open(sys.argv[1]) if __import__("os").path.exists(sys.argv[1]) else []:
     backend, seed, status = line.split()[:3]
     if status == "exit=0" and re.search(r"\b3 passed\b", line):
         passed[backend] += 1
+    elif status == "exit=0" and re.search(r"\b3 skipped\b", line):  # e.g. the extension not built
+        skipped[backend] += 1
     elif status not in ("exit=124", "exit=143"):  # a chunk cut by the deadline counts for nothing
         failed[backend] += 1
-for backend in sorted(set(passed) | set(failed)):
+for backend in sorted(set(passed) | set(failed) | set(skipped)):
     print(f"[gpu_check] fuzz softmax_kl on {backend}: {int(sys.argv[2]) * passed[backend]} examples per test "
           f"(channel_kl, pixel_kl, bad inputs) in {passed[backend]} passing chunks; "
-          f"{failed[backend]} failing chunks")
+          f"{failed[backend]} failing chunks, {skipped[backend]} skipped chunks")
 sys.exit(1 if sum(failed.values()) else 0)
 EOF
 fuzz_rc=${PIPESTATUS[0]}
-grep -l "Falsifying\|FAILED" "$LOGS"/fuzz-*-*.log 2>/dev/null | head -n 5 | sed "s/^/[gpu_check] failing fuzz log: /"
+failing=$(grep -l "Falsifying\|FAILED\|Error" "$LOGS"/fuzz-*-*.log 2>/dev/null | head -n 3)
+for log in $failing; do
+  echo "[gpu_check] failing fuzz log $(basename "$log"):"
+  grep -A 30 "Falsifying\|^E " "$log" | head -n 40 | sed "s/^/[gpu_check]   /"
+done
 
 if [ -n "${OUT:-}" ]; then
   cp benchmarks/results/nvidia-*.json "$OUT"/ 2>/dev/null || true
+  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . && echo "[gpu_check] logs: \$OUT/logs.tar.gz"
+  cp "$LOGS"/fuzz-summary.log "$LOGS"/build.log "$OUT"/ 2>/dev/null || true
+  for log in $failing; do cp "$log" "$OUT"/; done
 fi
 echo "[gpu_check] done in $(( $(date +%s) - started )) s; results: $(ls benchmarks/results/nvidia-*.json 2>/dev/null | tr '\n' ' ')"
 (( tests_rc || fuzz_rc )) && exit 1

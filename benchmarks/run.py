@@ -56,12 +56,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in lines)
 
 
-def write_results(path: str, device: str, rows: list[dict]) -> None:
+def write_results(path: str, device: str, rows: list[dict], *, description: str | None = None,
+                  versions: dict | None = None) -> None:
+    """Writes a results file; description and versions default to this machine's."""
     result = {
-        "device": device_description(device),
+        "device": description or device_description(device),
         "device_type": device,
         "date": datetime.date.today().isoformat(),
-        "versions": {
+        "versions": versions or {
             "python": platform.python_version(),
             "torch": torch.__version__,
             "triton": package_version("triton"),

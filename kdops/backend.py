@@ -142,6 +142,8 @@ OPS: dict[str, OpSpec] = {
             cpu="kdops.ops.prototypes:_prototype_kl_extension",
             cuda="kdops.ops.prototypes:_prototype_kl_extension",
             triton="kdops.triton.prototypes:prototype_kl",
+            # H200: Triton 1.4 / 1.7 ms, CUDA 2.0 / 3.2 ms fwd+bwd at (8,512,64,128) / (8,256,128,256).
+            cuda_order=("triton", "cuda"),
         ),
         OpSpec(
             "class_variation_loss",

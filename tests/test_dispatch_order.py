@@ -16,7 +16,9 @@ import torch
 from kdops import backend as kd_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GPU_RESULTS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "nvidia-*.json")))
+OTHER_KINDS = ("-recipes.json", "-overhead.json", "-gains.json", "-matmul.json")
+GPU_RESULTS = sorted(p for p in glob.glob(os.path.join(ROOT, "benchmarks", "results", "nvidia-*.json"))
+                     if not p.endswith(OTHER_KINDS))
 FUSED = ("cuda", "triton")
 
 

@@ -713,7 +713,7 @@ std::tuple<Tensor, Tensor, Tensor> class_scores_grads(const Tensor& g, const Ten
     }
     grad_w = total;
   }
-  if (bias_requires_grad) grad_b = g.sum({0, 2});
+  if (bias_requires_grad) grad_b = g.sum(at::IntArrayRef{0, 2});
   return {grad_x, grad_w, grad_b};
 }
 
