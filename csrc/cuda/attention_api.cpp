@@ -258,7 +258,8 @@ std::tuple<Tensor, Tensor, Tensor> class_attention_scores_backward_cuda(
                K, L, C);
     grad_w = partial.sum(0);
   }
-  if (bias_requires_grad) grad_b = g.sum(at::IntArrayRef{0, 2});
+  // g is (N, K, *spatial): Σ over images and positions, (K,).
+  if (bias_requires_grad) grad_b = g.reshape({N, K, -1}).sum(at::IntArrayRef{0, 2});
   return {grad_x, grad_w, grad_b};
 }
 
