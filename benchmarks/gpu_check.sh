@@ -51,6 +51,8 @@ TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$ncpu" \
   step build 240 300 python -m pip install --no-build-isolation --no-deps -e . \
   || echo "[gpu_check] build failed: the cuda cases below skip, the triton ones still run"
 step info 30 290 python -m kdops.info
+# An argument error inside a CUDA op once crashed the process (H200, torch 2.11): say so first.
+step cuda-errors 40 285 python -m benchmarks.cuda_error_repro --gdb
 
 # --- 2. op benchmarks on a quiet GPU ---------------------------------------------------------
 step bench-fused 150 230 python -m benchmarks.run --variants cuda triton --repeats 20
