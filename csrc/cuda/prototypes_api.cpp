@@ -2,7 +2,7 @@
 // the arguments, reads the features as (N, C, L) element strides and the labels in their own
 // dtype and strides, fills the launch parameters, launches on the current stream of the inputs'
 // device, and registers the ops for the CUDA dispatch key: the same ops, outputs, saved tensors
-// and semantics as csrc/cpu/prototypes.cpp. Nothing here synchronises with the device: the
+// and semantics as csrc/cpu/prototypes_*.cpp. Nothing here synchronises with the device: the
 // incoming gradient is read by the kernels, and a label outside [0, num_classes) that is not
 // ignore_index becomes a device-side assert.
 //
