@@ -7,7 +7,8 @@
 #
 # 1. build: kdops with its CUDA kernels for this GPU's architecture only;
 # 2. bench: the fused variants (cuda, triton) of every op benchmark, then eager/compile of the
-#    cases no stored results file has (the prototype ops), on a quiet GPU;
+#    cases no stored results file has (the prototype ops), on a quiet GPU; and where the time of
+#    the slow fused ops goes (benchmarks.profile_ops: their kernels, from torch.profiler);
 # 3. recipes: the device's matmul rates (the yardstick of the correlation GEMMs), the per-call
 #    overhead and the recipe benchmark;
 # 4. tests: the CUDA and Triton cases of the test suite (5 processes side by side) and, beside
@@ -58,6 +59,8 @@ step cuda-errors 40 285 python -m benchmarks.cuda_error_repro --gdb
 step bench-fused 150 230 python -m benchmarks.run --variants cuda triton --repeats 20
 step bench-prototype-baselines 60 200 \
   python -m benchmarks.run --ops prototype_pool prototype_kl --variants eager compile --dtypes float32 --repeats 20
+
+step profile 60 210 python -m benchmarks.profile_ops
 
 # --- 3. matmul rates, per-call overhead and recipes -----------------------------------------
 step matmul-rate 20 195 python -m benchmarks.matmul_rate
