@@ -34,4 +34,22 @@ inline std::optional<Strides3> row_strides(const at::Tensor& x) {
   return Strides3{x.stride(0), x.stride(1), *stride_l};
 }
 
+// x itself when its spatial dims merge into L (a view), else a contiguous copy.
+inline at::Tensor readable(const at::Tensor& x) { return row_strides(x) ? x : x.contiguous(); }
+
+// The gradient of x: the tensor empty_like(x) gives (what the fake kernels promise), written
+// directly when its spatial dims merge, else through a contiguous buffer copied in by finish().
+struct GradOut {
+  at::Tensor result, written;
+  Strides3 strides{0, 0, 0};  // (N, C, L) element strides of `written`
+
+  explicit GradOut(const at::Tensor& x) : result(at::empty_like(x)) {
+    written = row_strides(result) ? result : at::empty(x.sizes(), x.options());
+    strides = *row_strides(written);
+  }
+  void finish() {
+    if (!written.is_same(result)) result.copy_(written);
+  }
+};
+
 }  // namespace kdops

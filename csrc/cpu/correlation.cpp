@@ -79,9 +79,9 @@ double ordered_sum(const std::vector<double>& partial) {
 
 // The gradient buffer of x: the tensor empty_like(x) gives, or a contiguous (N, C, L) buffer of
 // x's dtype copied into it by finish() when empty_like keeps a layout the loops do not write.
-struct GradOut {
+struct ContiguousGradOut {
   Tensor result, written;
-  explicit GradOut(const Tensor& x) : result(at::empty_like(x)) {
+  explicit ContiguousGradOut(const Tensor& x) : result(at::empty_like(x)) {
     written = result.is_contiguous() ? result : at::empty(x.sizes(), x.options());
   }
   Tensor finish() {
@@ -266,7 +266,7 @@ std::tuple<Tensor, Tensor> channel_correlation_loss_backward_cpu(
     });
   });
   auto input_grad = [&](const Tensor& x, const Tensor& features_x, const Tensor& half) {
-    GradOut out(x);
+    ContiguousGradOut out(x);
     const Tensor weights = half + half.transpose(1, 2);
     const Tensor grad = at::bmm(weights, features_x);
     out.written.view({n, c, features_x.size(2)}).copy_(grad);
@@ -575,7 +575,7 @@ std::tuple<Tensor, Tensor> pairwise_affinity_loss_backward_cpu(
   });
   auto input_grad = [&](const Tensor& x_in, const Tensor& x, int64_t channels, int64_t which,
                         const Tensor& grad_hat) {
-    GradOut out(x_in);
+    ContiguousGradOut out(x_in);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pairwise_normalisation_backward", [&] {
       using acc = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "pairwise_grad_out", [&] {

@@ -71,21 +71,6 @@ inline Features features_view(const Tensor& x) {
   return f;
 }
 
-// The gradient of x: empty_like(x) (what the fake kernels promise), written directly when its
-// spatial dims merge, else through a contiguous buffer copied in by finish().
-struct GradOut {
-  Tensor result, written;
-  Strides3 strides{0, 0, 0};
-
-  explicit GradOut(const Tensor& x) : result(at::empty_like(x)) {
-    written = row_strides(result) ? result : at::empty(x.sizes(), x.options());
-    strides = *row_strides(written);
-  }
-  void finish() {
-    if (!written.is_same(result)) result.copy_(written);
-  }
-};
-
 // The label map, read at the feature resolution (height × width) through nearest-neighbour
 // source offsets.
 struct LabelMap {

@@ -138,11 +138,11 @@ Layout layout_of(const Tensor& student) {
 
 // The gradient of x: the tensor empty_like(x) gives, which the kernel writes directly when it
 // can, else through a buffer in `layout` copied in by finish().
-struct GradOut {
+struct LayoutGradOut {
   Tensor result;
   Tensor written;
 
-  GradOut(const Tensor& x, Layout layout) : result(at::empty_like(x)) {
+  LayoutGradOut(const Tensor& x, Layout layout) : result(at::empty_like(x)) {
     written = fits(result, layout) ? result : empty_in_layout(x, layout);
   }
   void finish() {
@@ -436,7 +436,7 @@ inline void store_channel_grads(const at::vec::Vectorized<acc_t<scalar_t>>& xs,
 
 template <typename scalar_t>
 void channel_kl_backward_kernel(const PairView& v, const Tensor& row_stats, double tau,
-                                double scale, GradOut* grad_s, GradOut* grad_t) {
+                                double scale, LayoutGradOut* grad_s, LayoutGradOut* grad_t) {
   using acc = acc_t<scalar_t>;
   using IO = VecIO<scalar_t>;
   using V = typename IO::V;
@@ -693,8 +693,8 @@ void pixel_kl_forward_kernel(const PixelView& v, double tau, Tensor& loss, Tenso
 
 // scale = τ · grad_loss / max(num_valid, 1): the factor of ∂KL/∂x (x = logits/τ) in ∂loss/∂logits.
 template <typename scalar_t>
-void pixel_kl_backward_kernel(const PixelView& v, double tau, double scale, GradOut* grad_s,
-                              GradOut* grad_t) {
+void pixel_kl_backward_kernel(const PixelView& v, double tau, double scale, LayoutGradOut* grad_s,
+                              LayoutGradOut* grad_t) {
   using acc = acc_t<scalar_t>;
   using V = at::vec::Vectorized<acc>;
   constexpr int64_t W = V::size();
@@ -834,7 +834,7 @@ std::tuple<Tensor, Tensor> channel_kl_backward_cpu(const Tensor& grad_loss, cons
   const Layout layout = layout_of(student);
   const PairView v = pair_view(student, teacher, layout);
   const Tensor stats = row_stats.contiguous();
-  std::optional<GradOut> grad_s, grad_t;
+  std::optional<LayoutGradOut> grad_s, grad_t;
   if (student_requires_grad) grad_s.emplace(student, layout);
   if (teacher_requires_grad) grad_t.emplace(teacher, layout);
   const double scale = tau * g / static_cast<double>(rows);
@@ -879,7 +879,7 @@ std::tuple<Tensor, Tensor> pixel_kl_backward_cpu(const Tensor& grad_loss, const 
   if (!student_requires_grad && !teacher_requires_grad) return {none, none};
 
   const PixelView v = pixel_view(student, teacher, target, ignore_index);
-  std::optional<GradOut> grad_s, grad_t;
+  std::optional<LayoutGradOut> grad_s, grad_t;
   if (student_requires_grad) grad_s.emplace(student, Layout::kAny);
   if (teacher_requires_grad) grad_t.emplace(teacher, Layout::kAny);
   const double scale = tau * g / std::max(valid, 1.0);

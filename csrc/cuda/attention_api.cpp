@@ -30,8 +30,6 @@ namespace {
 
 using at::Tensor;
 
-Tensor readable(const Tensor& x) { return row_strides(x) ? x : x.contiguous(); }
-
 AttentionDType dtype_of(const Tensor& x) {
   switch (x.scalar_type()) {
     case at::kFloat: return AttentionDType::kFloat32;

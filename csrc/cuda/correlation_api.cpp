@@ -66,9 +66,6 @@ void check_cuda(const Tensor& x, const char* name) {
   dtype_of(x);
 }
 
-// x itself when its spatial dims merge, else a contiguous copy.
-Tensor readable(const Tensor& x) { return row_strides(x) ? x : x.contiguous(); }
-
 Strides3 strides_of(const Tensor& x) { return *row_strides(x); }
 
 // The per-pixel work of pairwise_affinity_loss on the kernels of correlation.cu.

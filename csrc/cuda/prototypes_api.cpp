@@ -34,21 +34,6 @@ using at::Tensor;
 
 constexpr int64_t kTilePixels = 32;  // the kernels' pixel tile
 
-// x itself when its spatial dims merge, else a contiguous copy.
-Tensor readable(const Tensor& x) { return row_strides(x) ? x : x.contiguous(); }
-
-// The gradient of x, written directly or through a contiguous buffer copied in by finish().
-struct GradOut {
-  Tensor result;
-  Tensor written;
-
-  explicit GradOut(const Tensor& x) : result(at::empty_like(x)) {
-    written = row_strides(result) ? result : at::empty(x.sizes(), x.options());
-  }
-  void finish() {
-    if (!written.is_same(result)) result.copy_(written);
-  }
-};
 
 ProtoDType dtype_of(const Tensor& x) {
   switch (x.scalar_type()) {
