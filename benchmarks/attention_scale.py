@@ -84,7 +84,34 @@ def measure(student_weights: str | None, teacher_weights: str | None, *, batch: 
                     raw = attention_map(out[key], 2.0, "sum", "none")
                     stages.append((key, tuple(raw.shape[-2:]), *softmax_concentration(raw)))
         student.zero_grad(set_to_none=True)
-    return {"rows": rows, "stages": stages}
+    return {"rows": rows, "stages": stages, "teacher": teacher_maps(teacher, labels),
+            "student_maps": teacher_maps(student, labels, images=images)}
+
+
+def lane_mass(raw_map: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(share of an L2-normalised map's squared mass on lane pixels, share of the pixels that are
+    lane) at the map's resolution (labels max-pooled to it): a map that carries lane
+    information puts much more of its mass on the lanes than their area."""
+    import torch.nn.functional as F
+
+    lanes = (labels > 0).float().unsqueeze(1)
+    lanes = F.adaptive_max_pool2d(lanes, raw_map.shape[-2:]).squeeze(1)
+    a = raw_map.flatten(1).float()
+    a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    mass = (a ** 2 * lanes.flatten(1)).sum(1).mean()
+    return float(mass), float(lanes.mean())
+
+
+def teacher_maps(model, labels: torch.Tensor, images: torch.Tensor | None = None) -> list[tuple]:
+    """Per stage of ``model`` (the label teacher reads ``labels``; a student reads ``images``):
+    (stage, lane share of the map's mass, lane share of the pixels)."""
+    from kdops import attention_map
+
+    model.eval()
+    with torch.no_grad():
+        out = model(labels if images is None else images)
+    model.train()
+    return [(key, *lane_mass(attention_map(out[key], 2.0, "sum", "none"), labels)) for key in STAGES]
 
 
 def main(argv=None) -> None:
@@ -100,6 +127,10 @@ def main(argv=None) -> None:
     print("stage   map     softmax peak  positions for 90% of the mass")
     for key, size, top, needed in result["stages"]:
         print(f"{key:7s} {size[0]}x{size[1]:<5d} {top:12.3f}  {needed:6.1f} of {size[0] * size[1]}")
+    for title, maps in (("label teacher", result["teacher"]), ("student", result["student_maps"])):
+        print(f"{title}: share of each stage map's (L2) mass on lane pixels vs their share of the pixels")
+        for key, mass, area in maps:
+            print(f"  {key:7s} {mass:6.1%} of the mass on {area:6.1%} of the positions")
     print("recipe          task loss  weighted term  term/task  |grad term|/|grad task|")
     for row in result["rows"]:
         print(f"{row['recipe']:15s} {row['task']:9.4f}  {row['term']:13.3e}  {row['ratio']:9.2%}  {row['grad_ratio']:10.2%}")

@@ -6,7 +6,8 @@
 #
 # 1. builds kdops with its CUDA kernels (pip install --no-build-isolation --no-deps -e .);
 # 2. runs the test suite's CUDA and Triton cases (GPU tests that skip on CPU machines);
-# 3. the op benchmarks (benchmarks.run), the per-call overhead and the recipe benchmark;
+# 3. the op benchmarks (benchmarks.run), the per-call overhead and the recipe benchmark
+#    (and with KDOPS_GPU_GAINS=1 the multi-seed gains benchmark, benchmarks.gains);
 # 4. copies the results files to $OUT (the device tool brings that folder back) and prints
 #    where each went. Commit benchmarks/results/<gpu>*.json and rerun `python -m benchmarks.report`.
 #
@@ -36,6 +37,11 @@ tests_rc=$?
 step ops 150 python -m benchmarks.run --repeats 20
 step overhead 40 python -m benchmarks.overhead --device cuda
 step recipes 150 python -m benchmarks.recipes --device cuda
+# Optional (KDOPS_GPU_GAINS=1): the multi-seed gains benchmark on the GPU, the toy data sets'
+# students at a few ms per step; results in benchmarks/results/nvidia-*-gains.json.
+if [ -n "${KDOPS_GPU_GAINS:-}" ]; then
+  step gains 300 python -m benchmarks.gains --device cuda --threads 1 --work-dir "${TMPDIR:-/tmp}/kdops-gains"
+fi
 if [ -n "${OUT:-}" ]; then
   cp benchmarks/results/nvidia-*.json "$OUT"/ 2>/dev/null || true
 fi

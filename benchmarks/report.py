@@ -174,18 +174,31 @@ def gains_table(result: dict) -> str:
         lr = f", lr {setting['lr']}" if setting.get("lr") else ""
         caption = (f"**{dataset}** ({setting['data']}, {setting['train_samples']} train / {setting['val_samples']} val, "
                    f"{setting['size']}×{setting['size']}): student {setting['student']}, {setting['steps']} steps, "
-                   f"batch {setting['batch_size']}{lr}; teachers trained once (seed 0): {teachers or 'none'}. "
+                   f"batch {setting['batch_size']}{lr} ({setting.get('schedule', '')}); teachers trained once "
+                   f"(seed 0): {teachers or 'none'}. "
                    f"{metric} in points, mean ± std over {seeds} seed{'s' if seeds > 1 else ''}; "
                    f"gain = the recipe's {metric} minus the plain student's of the same seed.")
-        lines = [caption, "", f"| recipe | {metric} | gain over plain (paired) | verdict |", "|---|---|---|---|"]
-        for row in result["rows"]:
-            if row["dataset"] != dataset:
-                continue
+        rows = [row for row in result["rows"] if row["dataset"] == dataset]
+        second = all("miou" in row for row in rows)  # lanes: mIoU beside the lane F1
+        header = f"| recipe | {metric} | gain over plain (paired) | verdict |"
+        rule = "|---|---|---|---|"
+        if second:
+            header += " mIoU | mIoU gain (paired) | mIoU verdict |"
+            rule += "---|---|---|"
+        lines = [caption, "", header, rule]
+        for row in rows:
             if row["recipe"] == "plain":
-                lines.append(f"| plain student | {_pm(row['mean'], row['std'])} | | |")
+                line = f"| plain student | {_pm(row['mean'], row['std'])} | | |"
+                if second:
+                    line += f" {_pm(row['miou']['mean'], row['miou']['std'])} | | |"
+                lines.append(line)
                 continue
-            lines.append(f"| {row['recipe']} | {_pm(row['mean'], row['std'])} "
-                         f"| {_signed_pm(row['gain_mean'], row['gain_std'])} | {row['verdict']} |")
+            line = (f"| {row['recipe']} | {_pm(row['mean'], row['std'])} "
+                    f"| {_signed_pm(row['gain_mean'], row['gain_std'])} | {row['verdict']} |")
+            if second:
+                m = row["miou"]
+                line += f" {_pm(m['mean'], m['std'])} | {_signed_pm(m['gain_mean'], m['gain_std'])} | {m['verdict']} |"
+            lines.append(line)
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

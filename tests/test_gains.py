@@ -106,9 +106,24 @@ def test_smoke_run_writes_results_the_report_renders(tmp_path, capsys):
     assert rows["sad"]["gain_mean"] == pytest.approx(students[1]["lane_f1"] - students[0]["lane_f1"])
     table = report.gains_table(result)
     assert "| plain student |" in table and "| lgad |" in table and "lane F1" in table
+    assert "mIoU gain (paired)" in table  # lanes: mIoU beside the F1
+    assert rows["lgad"]["miou"]["gain_mean"] == pytest.approx(students[2]["miou"] - students[0]["miou"])
     assert "within noise" in table  # one seed never claims a gain
     chart = tmp_path / "chart.png"
     report.gains_chart(result, str(chart))
     assert chart.stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "wrote" in printed and "| sad |" in printed
+
+
+def test_default_schedule_is_kdops_distills():
+    """The benchmark measures what `kdops-distill --recipe R` trains: the same steps, teacher
+    steps and lane learning rate."""
+    from kdops.train import cli
+
+    assert gains.DEFAULT_STEPS == {"scenes": cli.DEFAULT_STEPS, "lanes": cli.DEFAULT_LANE_STEPS}
+    assert gains.DEFAULT_TEACHER_STEPS == {"model": cli.DEFAULT_TEACHER_STEPS,
+                                           "labels": cli.DEFAULT_LABEL_TEACHER_STEPS}
+    assert gains.DEFAULT_LR == {"scenes": None, "lanes": cli.DEFAULT_LANE_LR}
+    assert gains.STUDENTS["scenes"] == cli.DEFAULT_STUDENT and gains.STUDENTS["lanes"] == cli.DEFAULT_LANE_STUDENT
+    assert gains.TEACHER == cli.DEFAULT_TEACHER
