@@ -199,15 +199,22 @@ class Runner:
     def run(self, prog: str, argv: list[str], name: str) -> dict:
         """Run ``prog argv --name name`` (plus the common options); returns the run's
         metrics.json with the command and its wall time in this call."""
+        from kdops.train.pipeline import run_state
+
         argv = [*argv, *self.common, "--work-dir", self.work_dir, "--name", name]
         command = f"{prog} {shlex.join(argv)}"
+        try:
+            state = run_state(os.path.join(self.work_dir, name))
+        except ValueError:
+            state = None
+        finished_before = state is not None and state.finished
         print(f"[gains] {command}", file=sys.stderr, flush=True)
         wall = self._call(prog, argv)
         with open(os.path.join(self.work_dir, name, "metrics.json")) as f:
             metrics = json.load(f)
         print(f"[gains]   {wall:.1f} s this call (first run: {metrics.get('wall_seconds', wall):.1f} s)",
               file=sys.stderr, flush=True)
-        return {"command": command, "call_seconds": wall, "metrics": metrics}
+        return {"command": command, "call_seconds": wall, "metrics": metrics, "reused": finished_before}
 
 
 def lane_f1(run_dir: str, student: tuple[str, str | None], data_spec) -> float:
@@ -292,7 +299,8 @@ def _record(dataset: str, recipe: str, seed: int, rec: dict, work_dir: str, name
         "dataset": dataset, "recipe": recipe, "seed": seed, "command": rec["command"],
         "miou": metrics.get("miou"), "pixel_acc": metrics.get("pixel_acc"),
         "train_seconds": m.get("train_seconds"), "wall_seconds": m.get("wall_seconds", rec["call_seconds"]),
-        "call_seconds": rec["call_seconds"], "run_dir": os.path.join(work_dir, name),
+        "call_seconds": rec["call_seconds"], "reused": rec.get("reused", False),
+        "run_dir": os.path.join(work_dir, name),
         "size": data["crop_size"][0], "train_samples": data["train_samples"], "val_samples": data["val_samples"],
     }
 

@@ -209,8 +209,10 @@ def gains_header(result: dict) -> str:
             f"{machine['cpu']} ({machine['cores']} cores), {result['threads']} thread per run, one run at a time"
             f"{' (nice ' + str(result['niced']) + ')' if result.get('niced') else ''}; load average "
             f"{machine['loadavg_start']} at the start, {machine['loadavg_end']} at the end. "
-            f"Measured by `{result['command']}` in {result['wall_seconds'] / 60:.0f} min wall "
-            f"({result['train_seconds'] / 60:.0f} min of it training).")
+            f"Measured by `{result['command']}`: its {len(result['runs'])} runs took "
+            f"{sum(r['wall_seconds'] for r in result['runs']) / 60:.0f} min wall in all, each when it was trained "
+            f"(a run finished before is reused, not retrained; this invocation: "
+            f"{result['wall_seconds'] / 60:.0f} min).")
 
 
 def gains_chart(result: dict, path: str) -> None:

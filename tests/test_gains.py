@@ -114,6 +114,14 @@ def test_smoke_run_writes_results_the_report_renders(tmp_path, capsys):
     assert chart.stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "wrote" in printed and "| sad |" in printed
+    assert not any(r["reused"] for r in result["runs"])
+    # Run again: every run is reused from its folder, with the same numbers and first wall times.
+    gains.main(argv)
+    again = json.loads(out.read_text())
+    assert all(r["reused"] for r in again["runs"])
+    assert [r["lane_f1"] for r in again["runs"][1:]] == [r["lane_f1"] for r in result["runs"][1:]]
+    assert [r["wall_seconds"] for r in again["runs"]] == [r["wall_seconds"] for r in result["runs"]]
+    assert "4 runs took" in report.gains_header(again)
 
 
 def test_default_schedule_is_kdops_distills():
