@@ -10,7 +10,8 @@
 #    cases no stored results file has (the prototype ops), on a quiet GPU; and where the time of
 #    the slow fused ops goes (benchmarks.profile_ops: their kernels, from torch.profiler);
 # 3. recipes: the device's matmul rates (the yardstick of the correlation GEMMs), the per-call
-#    overhead and the recipe benchmark;
+#    overhead and the recipe benchmark (and with KDOPS_GPU_GAINS=1 the multi-seed gains
+#    benchmark, benchmarks.gains);
 # 4. tests: the CUDA and Triton cases of the test suite (5 processes side by side) and, beside
 #    them, the deep fuzz run of channel_kl / pixel_kl on the cuda and triton backends: lanes of
 #    500-example chunks with distinct hypothesis seeds until the time is up, counted in
@@ -66,6 +67,11 @@ step profile 60 210 python -m benchmarks.profile_ops
 step matmul-rate 20 195 python -m benchmarks.matmul_rate
 step overhead 25 190 python -m benchmarks.overhead --device cuda
 step recipes 90 170 python -m benchmarks.recipes --device cuda
+# Optional (KDOPS_GPU_GAINS=1): the multi-seed gains benchmark on the GPU, the toy data sets'
+# students at a few ms per step; results in benchmarks/results/nvidia-*-gains.json.
+if [ -n "${KDOPS_GPU_GAINS:-}" ]; then
+  step gains 300 170 python -m benchmarks.gains --device cuda --threads 1 --work-dir "${TMPDIR:-/tmp}/kdops-gains"
+fi
 
 # --- 4. tests and the deep fuzz run, side by side --------------------------------------------
 tests_deadline=$(( started + budget - 15 ))

@@ -12,6 +12,19 @@ from kdops.losses._common import like, weight_arg
 from kdops.ops.attention import attention_map_distance
 
 SAD_PAIRS = ("consecutive", "all")
+# Normalisations of a stage map over its positions, and how the squared differences of a pair
+# are reduced over them (see SelfAttentionDistillation).
+MAP_NORMS = ("softmax", "l2")
+MAP_POSITIONS = ("mean", "sum")
+
+
+def _map_distance(student_map: torch.Tensor, teacher_map: torch.Tensor, norm: str, positions: str) -> torch.Tensor:
+    """mean over N·H·W (``positions="mean"``) or Σ over H·W, mean over N (``"sum"``) of the
+    squared difference of two raw maps normalised by ``norm``, at the student map's size."""
+    distance = attention_map_distance(student_map, teacher_map, norm)
+    if positions == "sum":
+        distance = distance * (student_map.shape[-2] * student_map.shape[-1])
+    return distance
 
 
 def _as_list(name: str, x) -> list[torch.Tensor]:
@@ -82,16 +95,32 @@ class SelfAttentionDistillation(nn.Module):
     Each stage's features are read once per step, whatever the number of pairs it is in: its raw
     map Σ_c x_c² (``attention_map(norm="none")``) is computed once and every pair resizes and
     normalises maps only (``attention_map_distance``); the backward reads each stage once more.
+
+    ``norm`` and ``positions`` choose the form of the map-level loss. The defaults,
+    ``norm="softmax", positions="mean"``, are ENet-SAD's (spatial softmax, ``MSELoss``
+    averaged over the pixels). The softmax of Σ_c x_c² depends on the features' scale: on
+    ERFNet's stages, whose Σ_c x_c² are in the hundreds, it is saturated (one position holds
+    more than 90% of the mass at every stage, measured on the synthetic lanes), so the maps are
+    argmax indicators and little gradient flows. ``norm="l2"`` divides each map by its L2 norm
+    over the positions instead (attention transfer's normalisation: scale-free), and
+    ``positions="sum"`` sums the squared differences over the H·W positions (mean over the
+    batch) rather than averaging them, so that a pair's value, 2 − 2·cos(a_i, a_j) for L2
+    maps, does not shrink with the resolution.
     """
 
     def __init__(self, p: float = 2.0, loss_weight: float = 1.0, pairs: str = "consecutive",
-                 detach_target: bool = False, *, backend: str | None = None):
+                 detach_target: bool = False, norm: str = "softmax", positions: str = "mean",
+                 *, backend: str | None = None):
         super().__init__()
         self.p = _checks.positive_finite("p", p)
         self.loss_weight = weight_arg("loss_weight", loss_weight)
         _checks.choice("pairs", pairs, SAD_PAIRS)
+        _checks.choice("norm", norm, MAP_NORMS)
+        _checks.choice("positions", positions, MAP_POSITIONS)
         self.pairs = pairs
         self.detach_target = bool(detach_target)
+        self.norm = norm
+        self.positions = positions
         self.backend = backend
 
     def stage_pairs(self, num_stages: int) -> list[tuple[int, int]]:
@@ -111,11 +140,12 @@ class SelfAttentionDistillation(nn.Module):
         total = 0.0
         for i, j in pairs:
             target = raw[j].detach() if self.detach_target else raw[j]
-            total = total + attention_map_distance(raw[i], target, "softmax")
+            total = total + _map_distance(raw[i], target, self.norm, self.positions)
         return self.loss_weight * total
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, loss_weight={self.loss_weight}, pairs={self.pairs!r}"
+        return (f"p={self.p}, loss_weight={self.loss_weight}, pairs={self.pairs!r}, "
+                f"detach_target={self.detach_target}, norm={self.norm!r}, positions={self.positions!r}")
 
 
 class LabelGuidedAttention(nn.Module):
@@ -127,13 +157,21 @@ class LabelGuidedAttention(nn.Module):
     The label teacher is frozen: its maps are computed under ``torch.no_grad()`` (no gradient
     reaches the teacher features, and autograd keeps nothing of them).
 
+    ``norm`` and ``positions``: the form of the map-level loss, as in
+    :class:`SelfAttentionDistillation` (defaults: spatial softmax, mean over the pixels, as SAD).
+
     forward(student, teacher): each a (N, C, H, W) or a sequence of them, paired in order → scalar.
     """
 
-    def __init__(self, p: float = 2.0, loss_weight: float = 1.0, *, backend: str | None = None):
+    def __init__(self, p: float = 2.0, loss_weight: float = 1.0, norm: str = "softmax", positions: str = "mean",
+                 *, backend: str | None = None):
         super().__init__()
         self.p = _checks.positive_finite("p", p)
         self.loss_weight = weight_arg("loss_weight", loss_weight)
+        _checks.choice("norm", norm, MAP_NORMS)
+        _checks.choice("positions", positions, MAP_POSITIONS)
+        self.norm = norm
+        self.positions = positions
         self.backend = backend
 
     def forward(self, student, teacher) -> torch.Tensor:
@@ -142,11 +180,11 @@ class LabelGuidedAttention(nn.Module):
             student_map = kdops.attention_map(s, self.p, "sum", "none", backend=self.backend)
             with torch.no_grad():
                 teacher_map = kdops.attention_map(like(t, s), self.p, "sum", "none", backend=self.backend)
-            total = total + attention_map_distance(student_map, teacher_map, "softmax")
+            total = total + _map_distance(student_map, teacher_map, self.norm, self.positions)
         return self.loss_weight * total
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, loss_weight={self.loss_weight}"
+        return f"p={self.p}, loss_weight={self.loss_weight}, norm={self.norm!r}, positions={self.positions!r}"
 
 
 class ClassAttentionDistillation(nn.Module):

@@ -15,6 +15,7 @@ MODELS_WITHOUT_BACKBONE = ("erfnet", "label_teacher")
 DATASET_NAMES = ("synthetic", "synthetic_lanes", "voc", "cityscapes", "culane")
 SYNTHETIC_DATASETS = ("synthetic", "synthetic_lanes")
 LANE_DATASETS = ("synthetic_lanes", "culane")
-RECIPE_NAMES = ("acfd", "apd", "at", "camd", "cwd", "ickd", "ifvd", "kd", "lgad", "mad", "sad", "skd")
+RECIPE_NAMES = ("acfd", "apd", "at", "camd", "cwd", "ickd", "ifvd", "kd", "lgad", "lgad-upstream", "mad",
+                "mad-upstream", "sad", "sad-upstream", "skd")
 # Recipes whose usual setting is lane detection (ERFNet on synthetic_lanes / CULane).
-LANE_RECIPES = ("lgad", "mad", "sad")
+LANE_RECIPES = ("lgad", "lgad-upstream", "mad", "mad-upstream", "sad", "sad-upstream")

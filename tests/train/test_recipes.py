@@ -13,7 +13,8 @@ from kdops.train.trainer import TrainConfig, Trainer
 
 from tests.train import helpers
 
-ALL = ("acfd", "apd", "at", "camd", "cwd", "ickd", "ifvd", "kd", "lgad", "mad", "sad", "skd")
+ALL = ("acfd", "apd", "at", "camd", "cwd", "ickd", "ifvd", "kd", "lgad", "lgad-upstream", "mad", "mad-upstream", "sad",
+       "sad-upstream", "skd")
 
 
 def test_registry_has_every_method():
@@ -65,7 +66,7 @@ def test_register_recipe_rejects_composite_names_and_duplicates():
 
 
 def test_term_warm_up():
-    term = get_recipe("sad").terms[0]
+    term = get_recipe("sad-upstream").terms[0]
     assert term.start == 0.5 and term.weight == 0.1
     assert not term.active(4, 10) and term.active(5, 10)
 
