@@ -153,6 +153,17 @@ void gather_tile(const scalar_t* x, const Strides3& st, int64_t n, int64_t l0, i
   }
 }
 
+// Whether a tile is used where it lies: rows of contiguous pixels, a full tile, and rows at most
+// kInPlaceRowBytes apart. Rows further apart are gathered first: at a power-of-two distance of
+// 8 KiB or more every row of a tile falls in the same few L1 sets, and the several passes over
+// a tile then miss L1 each time (measured: class_variation_loss at L = 2048 took 6.7 ms in
+// place, 5.3 ms gathered; at L = 512, 2.5 ms in place, 3.6 ms gathered).
+constexpr int64_t kInPlaceRowBytes = 4096;
+
+inline bool in_place_tile(const Strides3& st, int64_t count, size_t element_bytes) {
+  return st.l == 1 && count == kTile && st.c * static_cast<int64_t>(element_bytes) <= kInPlaceRowBytes;
+}
+
 // Pixels l0 .. l0 + count of image n of x as a [channels][*stride] tile in acc: x itself when it
 // already is one (rows of contiguous acc-typed pixels and a full tile, the common NCHW float32
 // case: no copy), else gathered into `buffer` (*stride = kTile, zero past count).
@@ -160,7 +171,7 @@ template <typename scalar_t, typename acc>
 const acc* load_tile(const scalar_t* x, const Strides3& st, int64_t n, int64_t l0, int64_t channels,
                      int64_t count, acc* buffer, int64_t* stride) {
   if constexpr (std::is_same_v<scalar_t, acc>) {
-    if (st.l == 1 && count == kTile) {
+    if (in_place_tile(st, count, sizeof(acc))) {
       *stride = st.c;
       return x + n * st.n + l0;
     }
@@ -195,7 +206,7 @@ template <typename scalar_t, typename acc>
 acc* tile_output(scalar_t* y, const Strides3& st, int64_t n, int64_t l0, int64_t count, acc* buffer,
                  int64_t* stride) {
   if constexpr (std::is_same_v<scalar_t, acc>) {
-    if (st.l == 1 && count == kTile) {
+    if (in_place_tile(st, count, sizeof(acc))) {
       *stride = st.c;
       return y + n * st.n + l0;
     }
