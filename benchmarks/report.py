@@ -128,22 +128,29 @@ def recipes_chart(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def recipes_section(*, charts: bool) -> str:
-    files = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*-recipes.json")))
+def results_sections(suffix: str, missing: str, chart, render, alt: str, *, charts: bool) -> str:
+    """One README part per ``benchmarks/results/*<suffix>``: its name, ``render(result)`` and
+    the PNG ``chart(result, path)`` draws beside it (redrawn when ``charts``)."""
+    files = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", f"*{suffix}")))
     if not files:
-        return "No recipe results yet: run `python -m benchmarks.recipes`."
+        return missing
     parts = []
     for path in files:
         with open(path) as f:
             result = json.load(f)
-        chart = path.removesuffix(".json") + ".png"
+        png = path.removesuffix(".json") + ".png"
         if charts:
-            recipes_chart(result, chart)
-        text = f"`benchmarks/results/{os.path.basename(path)}`\n\n" + recipes_table(result)
-        if os.path.exists(chart):
-            text += f"\n\n![KD share per recipe](benchmarks/results/{os.path.basename(chart)})"
+            chart(result, png)
+        text = f"`benchmarks/results/{os.path.basename(path)}`\n\n" + render(result)
+        if os.path.exists(png):
+            text += f"\n\n![{alt}](benchmarks/results/{os.path.basename(png)})"
         parts.append(text)
     return "\n\n".join(parts)
+
+
+def recipes_section(*, charts: bool) -> str:
+    return results_sections("-recipes.json", "No recipe results yet: run `python -m benchmarks.recipes`.",
+                            recipes_chart, recipes_table, "KD share per recipe", charts=charts)
 
 
 def _pm(mean, std) -> str:
@@ -248,22 +255,9 @@ def gains_chart(result: dict, path: str) -> None:
 
 
 def gains_section(*, charts: bool) -> str:
-    files = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*-gains.json")))
-    if not files:
-        return "No gains results yet: run `python -m benchmarks.gains`."
-    parts = []
-    for path in files:
-        with open(path) as f:
-            result = json.load(f)
-        chart = path.removesuffix(".json") + ".png"
-        if charts:
-            gains_chart(result, chart)
-        text = (f"`benchmarks/results/{os.path.basename(path)}`\n\n" + gains_header(result) + "\n\n"
-                + gains_table(result))
-        if os.path.exists(chart):
-            text += f"\n\n![Distillation gains per recipe](benchmarks/results/{os.path.basename(chart)})"
-        parts.append(text)
-    return "\n\n".join(parts)
+    return results_sections("-gains.json", "No gains results yet: run `python -m benchmarks.gains`.",
+                            gains_chart, lambda r: gains_header(r) + "\n\n" + gains_table(r),
+                            "Distillation gains per recipe", charts=charts)
 
 
 def section() -> str:
