@@ -496,6 +496,43 @@ void normalize_positions_backward(const MapAcc* s, const MapAcc* a, MapAcc* d, i
   for (int64_t i = 0; i < L; ++i) d[i] = (d[i] - a[i] * along) * inv;
 }
 
+// One pair of raw maps of L positions (student s, teacher t) and the steps both map losses
+// (attention_loss, class_attention_loss) take on it: normalise over the positions, Σ (a_s − a_t)²,
+// and back through the normalisation. Callers fill s and t (resized or read as they need).
+struct MapPair {
+  std::vector<MapAcc> s, t, a_s, a_t, d_s, d_t;
+
+  explicit MapPair(int64_t length)
+      : s(length), t(length), a_s(length), a_t(length), d_s(length), d_t(length) {}
+  int64_t length() const { return static_cast<int64_t>(s.size()); }
+
+  template <typename T>
+  void load(const T* s_in, const T* t_in) {
+    for (int64_t i = 0; i < length(); ++i) {
+      s[i] = static_cast<MapAcc>(s_in[i]);
+      t[i] = static_cast<MapAcc>(t_in[i]);
+    }
+  }
+  // Normalises both maps; returns Σ (a_s − a_t)².
+  MapAcc squared_distance(MapNorm norm) {
+    normalize_positions(s.data(), a_s.data(), length(), norm);
+    normalize_positions(t.data(), a_t.data(), length(), norm);
+    MapAcc total = 0;
+    for (int64_t i = 0; i < length(); ++i) total += (a_s[i] - a_t[i]) * (a_s[i] - a_t[i]);
+    return total;
+  }
+  // After squared_distance: d_s, d_t = the gradients of coef·Σ (a_s − a_t)²/2 with respect to
+  // the raw maps s, t (the sides asked for).
+  void backward(MapNorm norm, MapAcc coef, bool want_s, bool want_t) {
+    for (int64_t i = 0; i < length(); ++i) {
+      d_s[i] = coef * (a_s[i] - a_t[i]);
+      d_t[i] = -d_s[i];
+    }
+    if (want_s) normalize_positions_backward(s.data(), a_s.data(), d_s.data(), length(), norm);
+    if (want_t) normalize_positions_backward(t.data(), a_t.data(), d_t.data(), length(), norm);
+  }
+};
+
 struct LossGeometry {
   int64_t n, hs, ws, ht, wt, out_h, out_w;
 };
@@ -521,16 +558,14 @@ void attention_loss_maps_forward(const LossGeometry& g, MapNorm norm, const Tens
                                  const Tensor& raw_t, Tensor& s_map, Tensor& t_map, Tensor& loss) {
   const int64_t L = g.out_h * g.out_w;
   const MapResize rs(g.hs, g.ws, g.out_h, g.out_w), rt(g.ht, g.wt, g.out_h, g.out_w);
-  std::vector<MapAcc> s(L), t(L), a_s(L), a_t(L);
+  MapPair pair(L);
   MapAcc total = 0;
   for (int64_t n = 0; n < g.n; ++n) {
-    rs.forward(raw_s.const_data_ptr<T>() + n * g.hs * g.ws, s.data());
-    rt.forward(raw_t.const_data_ptr<T>() + n * g.ht * g.wt, t.data());
-    round_trip(s.data(), s_map.data_ptr<T>() + n * L, L);
-    round_trip(t.data(), t_map.data_ptr<T>() + n * L, L);
-    normalize_positions(s.data(), a_s.data(), L, norm);
-    normalize_positions(t.data(), a_t.data(), L, norm);
-    for (int64_t i = 0; i < L; ++i) total += (a_s[i] - a_t[i]) * (a_s[i] - a_t[i]);
+    rs.forward(raw_s.const_data_ptr<T>() + n * g.hs * g.ws, pair.s.data());
+    rt.forward(raw_t.const_data_ptr<T>() + n * g.ht * g.wt, pair.t.data());
+    round_trip(pair.s.data(), s_map.data_ptr<T>() + n * L, L);
+    round_trip(pair.t.data(), t_map.data_ptr<T>() + n * L, L);
+    total += pair.squared_distance(norm);
   }
   *loss.data_ptr<T>() = static_cast<T>(total / static_cast<MapAcc>(g.n * L));
 }
@@ -541,29 +576,18 @@ void attention_loss_maps_backward(const LossGeometry& g, MapNorm norm, double gr
                                   Tensor* grad_raw_t) {
   const int64_t L = g.out_h * g.out_w;
   const MapResize rs(g.hs, g.ws, g.out_h, g.out_w), rt(g.ht, g.wt, g.out_h, g.out_w);
-  std::vector<MapAcc> s(L), t(L), a_s(L), a_t(L), d_s(L), d_t(L);
+  MapPair pair(L);
   std::vector<MapAcc> scratch(std::max(g.hs * g.ws, g.ht * g.wt));
   const MapAcc coef = 2.0 * grad_loss / static_cast<MapAcc>(g.n * L);
   for (int64_t n = 0; n < g.n; ++n) {
-    const T* s_in = s_map.const_data_ptr<T>() + n * L;
-    const T* t_in = t_map.const_data_ptr<T>() + n * L;
-    for (int64_t i = 0; i < L; ++i) {
-      s[i] = static_cast<MapAcc>(s_in[i]);
-      t[i] = static_cast<MapAcc>(t_in[i]);
-    }
-    normalize_positions(s.data(), a_s.data(), L, norm);
-    normalize_positions(t.data(), a_t.data(), L, norm);
-    for (int64_t i = 0; i < L; ++i) {
-      d_s[i] = coef * (a_s[i] - a_t[i]);
-      d_t[i] = -d_s[i];
-    }
+    pair.load(s_map.const_data_ptr<T>() + n * L, t_map.const_data_ptr<T>() + n * L);
+    pair.squared_distance(norm);
+    pair.backward(norm, coef, grad_raw_s != nullptr, grad_raw_t != nullptr);
     if (grad_raw_s != nullptr) {
-      normalize_positions_backward(s.data(), a_s.data(), d_s.data(), L, norm);
-      rs.backward(d_s.data(), scratch.data(), grad_raw_s->data_ptr<T>() + n * g.hs * g.ws);
+      rs.backward(pair.d_s.data(), scratch.data(), grad_raw_s->data_ptr<T>() + n * g.hs * g.ws);
     }
     if (grad_raw_t != nullptr) {
-      normalize_positions_backward(t.data(), a_t.data(), d_t.data(), L, norm);
-      rt.backward(d_t.data(), scratch.data(), grad_raw_t->data_ptr<T>() + n * g.ht * g.wt);
+      rt.backward(pair.d_t.data(), scratch.data(), grad_raw_t->data_ptr<T>() + n * g.ht * g.wt);
     }
   }
 }
@@ -722,7 +746,7 @@ std::tuple<Tensor, Tensor, Tensor> class_attention_scores_backward_cpu(
     bool x_requires_grad, bool weight_requires_grad, bool bias_requires_grad) {
   check_class_args(x, weight, std::nullopt);
   const auto acc = acc_dtype(x);
-  const int64_t N = x.size(0), K = weight.size(0), C = x.size(1);
+  const int64_t N = x.size(0), K = weight.size(0);
   const auto shape = class_map_shape(x, K);
   TORCH_CHECK_VALUE(maps.sizes() == at::IntArrayRef(shape), "maps must have shape ",
                     at::IntArrayRef(shape), ", got ", maps.sizes());
@@ -756,18 +780,11 @@ void check_class_loss_pair(const Tensor& student, const Tensor& teacher) {
 template <typename T>
 void class_loss_maps_forward(const Tensor& r_s, const Tensor& r_t, MapNorm norm, Tensor& loss) {
   const int64_t maps = r_s.size(0) * r_s.size(1), L = r_s.numel() / maps;
-  std::vector<MapAcc> s(L), t(L), a_s(L), a_t(L);
+  MapPair pair(L);
   MapAcc total = 0;
   for (int64_t m = 0; m < maps; ++m) {
-    const T* s_in = r_s.const_data_ptr<T>() + m * L;
-    const T* t_in = r_t.const_data_ptr<T>() + m * L;
-    for (int64_t i = 0; i < L; ++i) {
-      s[i] = static_cast<MapAcc>(s_in[i]);
-      t[i] = static_cast<MapAcc>(t_in[i]);
-    }
-    normalize_positions(s.data(), a_s.data(), L, norm);
-    normalize_positions(t.data(), a_t.data(), L, norm);
-    for (int64_t i = 0; i < L; ++i) total += (a_s[i] - a_t[i]) * (a_s[i] - a_t[i]);
+    pair.load(r_s.const_data_ptr<T>() + m * L, r_t.const_data_ptr<T>() + m * L);
+    total += pair.squared_distance(norm);
   }
   *loss.data_ptr<T>() = static_cast<T>(total / static_cast<MapAcc>(maps * L));
 }
@@ -777,31 +794,18 @@ template <typename T>
 void class_loss_maps_backward(const Tensor& r_s, const Tensor& r_t, MapNorm norm, double grad_loss,
                               Tensor* g_s, Tensor* g_t) {
   const int64_t maps = r_s.size(0) * r_s.size(1), L = r_s.numel() / maps;
-  std::vector<MapAcc> s(L), t(L), a_s(L), a_t(L), d_s(L), d_t(L);
+  MapPair pair(L);
   const MapAcc coef = 2.0 * grad_loss / static_cast<MapAcc>(maps * L);
+  // The ReLU's gradient: d where the map is positive, 0 where the ReLU clipped it.
+  const auto write = [L](const std::vector<MapAcc>& raw, const std::vector<MapAcc>& d, T* out) {
+    for (int64_t i = 0; i < L; ++i) out[i] = raw[i] > 0 ? static_cast<T>(d[i]) : T(0);
+  };
   for (int64_t m = 0; m < maps; ++m) {
-    const T* s_in = r_s.const_data_ptr<T>() + m * L;
-    const T* t_in = r_t.const_data_ptr<T>() + m * L;
-    for (int64_t i = 0; i < L; ++i) {
-      s[i] = static_cast<MapAcc>(s_in[i]);
-      t[i] = static_cast<MapAcc>(t_in[i]);
-    }
-    normalize_positions(s.data(), a_s.data(), L, norm);
-    normalize_positions(t.data(), a_t.data(), L, norm);
-    for (int64_t i = 0; i < L; ++i) {
-      d_s[i] = coef * (a_s[i] - a_t[i]);
-      d_t[i] = -d_s[i];
-    }
-    if (g_s != nullptr) {
-      normalize_positions_backward(s.data(), a_s.data(), d_s.data(), L, norm);
-      T* out = g_s->data_ptr<T>() + m * L;
-      for (int64_t i = 0; i < L; ++i) out[i] = s[i] > 0 ? static_cast<T>(d_s[i]) : T(0);
-    }
-    if (g_t != nullptr) {
-      normalize_positions_backward(t.data(), a_t.data(), d_t.data(), L, norm);
-      T* out = g_t->data_ptr<T>() + m * L;
-      for (int64_t i = 0; i < L; ++i) out[i] = t[i] > 0 ? static_cast<T>(d_t[i]) : T(0);
-    }
+    pair.load(r_s.const_data_ptr<T>() + m * L, r_t.const_data_ptr<T>() + m * L);
+    pair.squared_distance(norm);
+    pair.backward(norm, coef, g_s != nullptr, g_t != nullptr);
+    if (g_s != nullptr) write(pair.s, pair.d_s, g_s->data_ptr<T>() + m * L);
+    if (g_t != nullptr) write(pair.t, pair.d_t, g_t->data_ptr<T>() + m * L);
   }
 }
 
