@@ -153,15 +153,20 @@ def measure(case: Case, device: str, *, repeats: int, only: tuple[str, ...] | No
             rows.append(dict(case=case.name, op=case.op, shape=case.shape, dtype=_dtype(case.dtype),
                              variant=variant, error=f"{type(exc).__name__}: {exc}"[:300]))
             continue
-        rows.append(dict(
-            case=case.name, op=case.op, shape=case.shape, dtype=_dtype(case.dtype), variant=variant,
-            fwd_ms=round(fwd_ms, 4), fwd_bwd_ms=round(fb_ms, 4),
-            fwd_gbps=round(case.bytes_fwd / fwd_ms / 1e6, 2),
-            fwd_bwd_gbps=round(case.bytes_fwd_bwd / fb_ms / 1e6, 2),
-            peak_mb=None if peak is None else round(peak, 2),
-            saved_mb=None if saved is None else round(saved, 3),
-        ))
+        rows.append(result_row(case, variant, fwd_ms, fb_ms, peak, saved))
     return rows
+
+
+def result_row(case: Case, variant: str, fwd_ms: float, fb_ms: float, peak_mb, saved_mb) -> dict:
+    """One results-file row: the timings, the bandwidths they imply, the memory figures."""
+    return dict(
+        case=case.name, op=case.op, shape=case.shape, dtype=_dtype(case.dtype), variant=variant,
+        fwd_ms=round(fwd_ms, 4), fwd_bwd_ms=round(fb_ms, 4),
+        fwd_gbps=round(case.bytes_fwd / fwd_ms / 1e6, 2),
+        fwd_bwd_gbps=round(case.bytes_fwd_bwd / fb_ms / 1e6, 2),
+        peak_mb=None if peak_mb is None else round(peak_mb, 2),
+        saved_mb=None if saved_mb is None else round(saved_mb, 3),
+    )
 
 
 def _dtype(dtype: torch.dtype) -> str:

@@ -18,6 +18,7 @@ import re
 import torch
 
 from benchmarks.cases import cases
+from benchmarks.harness import result_row
 from benchmarks.run import RESULTS_DIR, write_results
 
 LINE = re.compile(r"^(?P<case>\S.*\])\s+(?P<variant>\w+)\s+(?P<fwd>[\d.]+)\s+(?P<fb>[\d.]+)\s+[\d.]+\s+"
@@ -38,15 +39,10 @@ def rows_from_log(text: str, command: str) -> list[dict]:
         if key in seen:  # the final summary table repeats every row
             continue
         seen.add(key)
-        fwd, fb = float(match["fwd"]), float(match["fb"])
-        rows.append(dict(
-            case=case.name, op=case.op, shape=case.shape, dtype=str(case.dtype).removeprefix("torch."),
-            variant=match["variant"], fwd_ms=fwd, fwd_bwd_ms=fb,
-            fwd_gbps=round(case.bytes_fwd / fwd / 1e6, 2), fwd_bwd_gbps=round(case.bytes_fwd_bwd / fb / 1e6, 2),
-            peak_mb=None if match["peak"] == "-" else float(match["peak"]),
-            saved_mb=None if match["saved"] == "-" else float(match["saved"]),
-            command=command, copy_gbps=float(copy.group(1)) if copy else None,
-        ))
+        row = result_row(case, match["variant"], float(match["fwd"]), float(match["fb"]),
+                         None if match["peak"] == "-" else float(match["peak"]),
+                         None if match["saved"] == "-" else float(match["saved"]))
+        rows.append(dict(row, command=command, copy_gbps=float(copy.group(1)) if copy else None))
     return rows
 
 
