@@ -8,58 +8,88 @@ Why: on the H200 (torch 2.11, extension built by ``pip install -e .``) two tests
 CUDA op raise (``attention_loss`` with an unknown norm, ``prototype_pool`` with float labels)
 ended the test process with a segmentation fault instead of a Python exception. The cases below
 separate the suspects: the same kind of error from a CPU kernel of the same extension, from each
-CUDA family, and from a plain ATen op.
+CUDA family, and from a plain ATen op; and, for the first case that crashes, the same call with
+the C++ stack trace shown (its symbolisation runs at the throw) and after a CUDA op that works.
+The backtrace comes from gdb, or cuda-gdb where gdb is missing (the GPU machines' image).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
-PRELUDE = "import torch, kdops._extension\nassert kdops._extension.loaded(), kdops._extension.load_error()\ns = torch.randn(2, 3, 4, 5, device='{device}')\n"
+PRELUDE = ("import torch, kdops._extension\nassert kdops._extension.loaded(), kdops._extension.load_error()\n"
+           "s = torch.randn(2, 3, 4, 5, device='{device}')\n")
 CASES = {
     "aten cuda (control)": ("cuda", "torch.zeros(2, device='cuda').view(3)"),
     "attention_loss cpu": ("cpu", "torch.ops.kdops.attention_loss(s, s, 2.0, False, 'max', None)"),
     "attention_loss cuda": ("cuda", "torch.ops.kdops.attention_loss(s, s, 2.0, False, 'max', None)"),
+    "attention_reduce cuda (int x)": ("cuda", "torch.ops.kdops.attention_reduce(s.int(), 2.0, True)"),
     "channel_correlation_loss cuda": ("cuda", "torch.ops.kdops.channel_correlation_loss(s, s[:, :2], 'row')"),
     "channel_kl cuda": ("cuda", "torch.ops.kdops.channel_kl(s, s[:1], 1.0)"),
     "prototype_pool cuda": ("cuda", "torch.ops.kdops.prototype_pool(s, torch.zeros(2, 4, 5, device='cuda'), 3, 255, True, False)"),
 }
+# Variants of a crashing case: (label, extra environment, statement run before the call).
+VARIANTS = [
+    ("with TORCH_SHOW_CPP_STACKTRACES=1", {"TORCH_SHOW_CPP_STACKTRACES": "1"}, ""),
+    ("after a CUDA op that succeeds", {}, "torch.ops.kdops.attention_reduce(s, 2.0, True)\n"),
+    ("through the public API (kdops imported)", {}, "import kdops\n"),
+]
 
 
-def run_case(device: str, call: str, gdb: bool) -> str:
-    script = PRELUDE.format(device=device) + (
+def script(device: str, call: str, before: str = "") -> str:
+    return PRELUDE.format(device=device) + before + (
         f"try:\n    {call}\n    print('no error raised')\n"
         "except Exception as exc:\n    print('raised', type(exc).__name__ + ':', str(exc).splitlines()[0][:100])\n"
     )
-    command = [sys.executable, "-c", script]
-    if gdb:
-        command = ["gdb", "-q", "-batch", "-ex", "run", "-ex", "bt 40", "--args"] + command
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    if gdb:
-        return result.stdout[-6000:]
+
+
+def run_case(device: str, call: str, before: str = "", env: dict | None = None) -> str:
+    command = [sys.executable, "-X", "faulthandler", "-c", script(device, call, before)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **(env or {})})
     if result.returncode < 0:
-        return f"crashed (signal {-result.returncode})"
+        where = [line.strip() for line in result.stderr.splitlines() if line.strip().startswith("File")]
+        return f"crashed (signal {-result.returncode}); Python frames: {where[:3]}"
     lines = [line for line in result.stdout.splitlines() if line.startswith(("raised", "no error"))]
-    return lines[-1] if lines else f"exit {result.returncode}: {result.stderr.strip().splitlines()[-1:]}"
+    return lines[-1] if lines else f"exit {result.returncode}: {result.stderr.strip().splitlines()[-3:]}"
+
+
+def backtrace(device: str, call: str) -> str:
+    debugger = shutil.which("gdb") or shutil.which("cuda-gdb")
+    if debugger is None:
+        return "neither gdb nor cuda-gdb is installed: no backtrace"
+    path = "/tmp/kdops_cuda_error_case.py"
+    with open(path, "w") as f:
+        f.write(script(device, call))
+    command = [debugger, "-q", "-batch", "-ex", "set pagination off", "-ex", "run", "-ex", "bt 40",
+               "-ex", "info sharedlibrary kdops", "--args", sys.executable, path]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    out = result.stdout + result.stderr
+    start = out.find("received signal")
+    return f"{os.path.basename(debugger)}:\n" + (out[start:] if start >= 0 else out)[-8000:]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gdb", action="store_true", help="backtrace of the first crashing case (needs gdb)")
+    parser.add_argument("--gdb", action="store_true", help="backtrace of the first crashing case")
     args = parser.parse_args(argv)
-    crashed = None
-    for name, (device, call) in CASES.items():
-        outcome = run_case(device, call, gdb=False)
+    with ThreadPoolExecutor(max_workers=len(CASES)) as pool:
+        outcomes = dict(zip(CASES, pool.map(lambda case: run_case(*case), CASES.values())))
+    for name, outcome in outcomes.items():
         print(f"{name:32s} {outcome}", flush=True)
-        if crashed is None and outcome.startswith("crashed"):
-            crashed = (device, call)
-    if args.gdb and crashed is not None:
-        if shutil.which("gdb") is None:
-            print("gdb is not installed: no backtrace")
-        else:
-            print(run_case(*crashed, gdb=True))
+    crashed = next((CASES[name] for name, outcome in outcomes.items() if outcome.startswith("crashed")), None)
+    if crashed is None:
+        return
+    with ThreadPoolExecutor(max_workers=len(VARIANTS)) as pool:
+        variants = list(pool.map(lambda v: run_case(*crashed, before=v[2], env=v[1]), VARIANTS))
+    for (label, _, _), outcome in zip(VARIANTS, variants):
+        print(f"first crashing case {label}: {outcome}", flush=True)
+    if args.gdb:
+        print(backtrace(*crashed), flush=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@
 #
 #   bash benchmarks/gpu_check.sh              # results in benchmarks/results/ (and $OUT), logs in $OUT
 #   KDOPS_GPU_BUDGET_S=560 bash benchmarks/gpu_check.sh
+#   KDOPS_GPU_STEPS="errors tests fuzz" bash benchmarks/gpu_check.sh   # some steps only
+#
+# Steps (KDOPS_GPU_STEPS, default all; the build always runs): errors, bench, profile, recipes,
+# gains (also needs KDOPS_GPU_GAINS=1), tests, fuzz.
 #
 # 1. build: kdops with its CUDA kernels for this GPU's architecture only;
 # 2. bench: the fused variants (cuda, triton) of every op benchmark, then eager/compile of the
@@ -30,6 +34,8 @@ export PYTHONUNBUFFERED=1
 started=$(date +%s)
 budget=${KDOPS_GPU_BUDGET_S:-560}
 left() { echo $(( budget - ($(date +%s) - started) )); }
+steps=" ${KDOPS_GPU_STEPS:-errors bench profile recipes gains tests fuzz} "
+want() { [[ "$steps" == *" $1 "* ]]; }
 
 # step NAME LIMIT RESERVE COMMAND...: run COMMAND for at most min(LIMIT, time left − RESERVE) s.
 step() {
@@ -50,35 +56,35 @@ ncpu=$(nproc)
 
 # --- 1. build --------------------------------------------------------------------------------
 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$ncpu" \
-  step build 240 300 python -m pip install --no-build-isolation --no-deps -e . \
+  step build 240 100 python -m pip install --no-build-isolation --no-deps -e . \
   || echo "[gpu_check] build failed: the cuda cases below skip, the triton ones still run"
-step info 30 290 python -m kdops.info
+step info 30 90 python -m kdops.info
 # An argument error inside a CUDA op once crashed the process (H200, torch 2.11): say so first.
-step cuda-errors 40 285 python -m benchmarks.cuda_error_repro --gdb
+want errors && step cuda-errors 90 90 python -m benchmarks.cuda_error_repro --gdb
 
 # --- 2. op benchmarks on a quiet GPU ---------------------------------------------------------
-step bench-fused 150 230 python -m benchmarks.run --variants cuda triton --repeats 20
-step bench-prototype-baselines 60 200 \
-  python -m benchmarks.run --ops prototype_pool prototype_kl --variants eager compile --dtypes float32 --repeats 20
-
-step profile 60 210 python -m benchmarks.profile_ops
+want bench && step bench-fused 150 230 python -m benchmarks.run --variants cuda triton --repeats 20
+want profile && step profile 60 210 python -m benchmarks.profile_ops
 
 # --- 3. matmul rates, per-call overhead and recipes -----------------------------------------
-step matmul-rate 20 195 python -m benchmarks.matmul_rate
-step overhead 25 190 python -m benchmarks.overhead --device cuda
-step recipes 90 170 python -m benchmarks.recipes --device cuda
+want bench && [ ! -f benchmarks/results/nvidia-h200-matmul.json ] && step matmul-rate 20 195 python -m benchmarks.matmul_rate
+want recipes && step overhead 25 190 python -m benchmarks.overhead --device cuda
+want recipes && step recipes 90 170 python -m benchmarks.recipes --device cuda
 # Optional (KDOPS_GPU_GAINS=1): the multi-seed gains benchmark on the GPU, the toy data sets'
 # students at a few ms per step; results in benchmarks/results/nvidia-*-gains.json.
-if [ -n "${KDOPS_GPU_GAINS:-}" ]; then
+if want gains && [ -n "${KDOPS_GPU_GAINS:-}" ]; then
   step gains 300 170 python -m benchmarks.gains --device cuda --threads 1 --work-dir "${TMPDIR:-/tmp}/kdops-gains"
 fi
 
 # --- 4. tests and the deep fuzz run, side by side --------------------------------------------
 tests_deadline=$(( started + budget - 15 ))
+# pytest-xdist, where present, runs each group in two workers and replaces a worker that crashes
+# (the crash is then one failed test, and the group goes on).
+xdist=(); python -c "import xdist" 2>/dev/null && xdist=(-n 2 --max-worker-restart 20)
 run_tests() {  # NAME FILES...: one pytest process over FILES, CUDA and Triton cases only
   local name=$1; shift
   timeout $(( tests_deadline - $(date +%s) )) python -m pytest "$@" -q -rfE -p no:cacheprovider \
-    -k "cuda or triton" >"$LOGS/tests-$name.log" 2>&1
+    "${xdist[@]}" -k "cuda or triton" >"$LOGS/tests-$name.log" 2>&1
   echo "[gpu_check] tests-$name: exit $? ($(tail -n 1 "$LOGS/tests-$name.log"))"
 }
 chunk_examples=500
@@ -95,6 +101,7 @@ fuzz_lane() {  # BACKEND LANE: chunks of $chunk_examples examples of the softmax
 }
 t0=$(date +%s)
 pids=()
+if want tests; then
 run_tests correlation tests/ops/test_correlation.py tests/ops/test_correlation_api.py tests/triton/test_correlation_triton.py & pids+=($!)
 run_tests prototypes tests/ops/test_prototypes.py tests/ops/test_prototypes_api.py tests/triton/test_prototypes_triton.py & pids+=($!)
 run_tests softmax-kl tests/ops/test_softmax_kl.py tests/ops/test_softmax_kl_regressions.py tests/triton/test_softmax_kl_triton.py & pids+=($!)
@@ -105,11 +112,16 @@ run_tests rest tests --ignore=tests/ops/test_correlation.py --ignore=tests/ops/t
   --ignore=tests/ops/test_softmax_kl.py --ignore=tests/ops/test_softmax_kl_regressions.py \
   --ignore=tests/triton/test_softmax_kl_triton.py --ignore=tests/ops/test_attention.py \
   --ignore=tests/ops/test_attention_api.py $(ls tests/triton/test_attention*.py 2>/dev/null | sed 's/^/--ignore=/') & pids+=($!)
+fi
 # One core per process: 5 test processes, the rest fuzz lanes, most of them on Triton (issue 7's
 # deep run needs it; the CUDA kernels share their numerics code with the CPU ones fuzzed here).
-cuda_lanes=3; triton_lanes=$(( ncpu - 5 - cuda_lanes )); (( triton_lanes < 1 )) && triton_lanes=1
-for lane in $(seq 1 "$triton_lanes"); do fuzz_lane triton "$lane" & pids+=($!); done
-for lane in $(seq 1 "$cuda_lanes"); do fuzz_lane cuda "$lane" & pids+=($!); done
+# With the tests (2 xdist workers each) 6 cores are left for fuzz lanes; without them, all.
+if want fuzz; then
+  if want tests; then lanes=$(( ncpu - 10 )); else lanes=$(( ncpu - 1 )); fi; (( lanes < 2 )) && lanes=2
+  cuda_lanes=$(( lanes / 3 )); (( cuda_lanes < 1 )) && cuda_lanes=1; triton_lanes=$(( lanes - cuda_lanes ))
+  for lane in $(seq 1 "$triton_lanes"); do fuzz_lane triton "$lane" & pids+=($!); done
+  for lane in $(seq 1 "$cuda_lanes"); do fuzz_lane cuda "$lane" & pids+=($!); done
+fi
 tests_rc=0
 for pid in "${pids[@]}"; do wait "$pid"; done
 echo "[gpu_check] tests + fuzz: $(( $(date +%s) - t0 )) s"

@@ -134,4 +134,9 @@ TORCH_LIBRARY(kdops, m) {
       "pairwise_affinity_loss_backward(Tensor grad_loss, Tensor student, Tensor teacher, "
       "Tensor norms, bool detach_norm, bool student_requires_grad, bool teacher_requires_grad) "
       "-> (Tensor grad_student, Tensor grad_teacher)");
+
+  // The label check of the public API on CUDA tensors (kdops/_checks.py): bad is a 0-dim tensor,
+  // non-zero when a label is out of range; the CUDA kernel turns it into a device-side assert
+  // that names `argument` ("labels" or "target"), without synchronising the host.
+  m.def("assert_no_bad_label(Tensor bad, str argument) -> ()");
 }

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from kdops import _extension
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -157,9 +159,14 @@ def labels(
                 f"{ignore_index_name}={ignore_index}"
             )
     else:
-        bad = ((x < 0) | (x >= num_classes)) & (x != ignore_index)
-        torch._assert_async(
-            torch.logical_not(bad.any()),
-            f"{name} holds a label outside [0, num_classes) that is not {ignore_index_name}",
-        )
+        bad = (((x < 0) | (x >= num_classes)) & (x != ignore_index)).any()
+        if (x.is_cuda and name in ("labels", "target") and ignore_index_name == "ignore_index"
+                and not torch.compiler.is_compiling() and _extension.built_with_cuda()):
+            # ATen's CUDA assert drops its message; kdops' names the argument.
+            torch.ops.kdops.assert_no_bad_label(bad, name)
+        else:
+            torch._assert_async(
+                torch.logical_not(bad),
+                f"{name} holds a label outside [0, num_classes) that is not {ignore_index_name}",
+            )
     return ignore_index

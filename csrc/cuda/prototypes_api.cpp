@@ -24,6 +24,7 @@
 
 #include "common/prototypes.h"
 #include "common/tensor_layout.h"
+#include "cuda/device_assert.h"
 #include "cuda/prototypes.h"
 
 namespace kdops {
@@ -121,9 +122,10 @@ struct Labels {
   Tensor bad;     // 0-dim int32
   ProtoLabels params{};
 
-  // The flag becomes a device-side assert (no host synchronisation).
+  // The flag becomes a device-side assert naming `labels` (no host synchronisation).
   void assert_in_range() const {
-    at::_assert_async(bad.eq(0), "labels hold a label outside [0, num_classes) that is not ignore_index");
+    C10_CUDA_CHECK(launch_assert_no_bad_label(bad.const_data_ptr<int32_t>(), LabelArgument::kLabels,
+                                              c10::cuda::getCurrentCUDAStream()));
   }
 };
 
