@@ -31,7 +31,23 @@ CASES = {
     "channel_correlation_loss cuda": ("cuda", "torch.ops.kdops.channel_correlation_loss(s, s[:, :2], 'row')"),
     "channel_kl cuda": ("cuda", "torch.ops.kdops.channel_kl(s, s[:1], 1.0)"),
     "prototype_pool cuda": ("cuda", "torch.ops.kdops.prototype_pool(s, torch.zeros(2, 4, 5, device='cuda'), 3, 255, True, False)"),
+    # What the message formats: sizes (IntArrayRef) from a CPU kernel; an int64 only; a double only.
+    "channel_correlation_loss cpu": ("cpu", "torch.ops.kdops.channel_correlation_loss(s, s[:, :2], 'row')"),
+    "prototype_pool cuda (int64 only)": ("cuda", "torch.ops.kdops.prototype_pool(s, torch.zeros(2, 4, 5, dtype=torch.long, device='cuda'), 0, 255, True, False)"),
+    "attention_reduce cuda (double only)": ("cuda", "torch.ops.kdops.attention_reduce(s, -1.0, True)"),
 }
+# The environment of the extension: which C++ runtime the process maps, the compilers, the CPU.
+ENVIRONMENT = """
+import subprocess, sys, torch, kdops._C as c
+print('kdops._C:', c.__file__)
+print('torch built with:', [l.strip() for l in torch.__config__.show().splitlines() if 'C++ Version' in l or 'GCC' in l or 'CXX_COMPILER' in l or 'CXX_FLAGS' in l][:3])
+maps = open('/proc/self/maps').read().split(chr(10))
+print('mapped C++ runtimes:', sorted({l.split()[-1] for l in maps if 'stdc++' in l or 'libgcc_s' in l or 'gomp' in l or 'c++' in l}))
+print(subprocess.run(['ldd', c.__file__], capture_output=True, text=True).stdout)
+print(subprocess.run(['c++', '--version'], capture_output=True, text=True).stdout.splitlines()[:1])
+flags = [l for l in open('/proc/cpuinfo') if l.startswith('flags')][:1]
+print('cpu avx512 flags:', sorted(f for f in flags[0].split() if 'avx512' in f or 'amx' in f) if flags else None)
+"""
 # Variants of a crashing case: (label, extra environment, statement run before the call).
 VARIANTS = [
     ("with TORCH_SHOW_CPP_STACKTRACES=1", {"TORCH_SHOW_CPP_STACKTRACES": "1"}, ""),
@@ -70,13 +86,15 @@ def backtrace(device: str, call: str) -> str:
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     out = result.stdout + result.stderr
     start = out.find("received signal")
-    return f"{os.path.basename(debugger)}:\n" + (out[start:] if start >= 0 else out)[-8000:]
+    return f"{os.path.basename(debugger)}:\n" + (out[start:] if start >= 0 else out)[:6000]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gdb", action="store_true", help="backtrace of the first crashing case")
     args = parser.parse_args(argv)
+    environment = subprocess.run([sys.executable, "-c", ENVIRONMENT], capture_output=True, text=True, timeout=120)
+    print(environment.stdout + environment.stderr[-2000:], flush=True)
     with ThreadPoolExecutor(max_workers=len(CASES)) as pool:
         outcomes = dict(zip(CASES, pool.map(lambda case: run_case(*case), CASES.values())))
     for name, outcome in outcomes.items():

@@ -55,15 +55,37 @@ arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability
 ncpu=$(nproc)
 
 # --- 1. build --------------------------------------------------------------------------------
-TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$ncpu" \
+# KDOPS_GPU_VARIANT_ENV (e.g. "KDOPS_PORTABLE=1"): a second build with that environment, in a
+# copy of the sources beside the first, whose argument errors cuda_error_repro checks too.
+variant_env=${KDOPS_GPU_VARIANT_ENV:-}
+if [ -n "$variant_env" ]; then
+  variant_dir=/tmp/kdops-variant; rm -rf "$variant_dir"; mkdir -p "$variant_dir"
+  cp -r csrc kdops models benchmarks setup.py requirements*.txt "$variant_dir"/
+  rm -f "$variant_dir"/kdops/_C*.so
+  ( cd "$variant_dir" && env $variant_env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=$(( ncpu / 2 )) \
+      timeout 200 python setup.py build_ext --inplace >"$LOGS/build-variant.log" 2>&1 ) &
+  variant_pid=$!
+  jobs=$(( ncpu / 2 ))
+else
+  jobs=$ncpu
+fi
+TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$jobs" \
   step build 240 100 python -m pip install --no-build-isolation --no-deps -e . \
   || echo "[gpu_check] build failed: the cuda cases below skip, the triton ones still run"
+if [ -n "$variant_env" ]; then
+  wait "$variant_pid"; echo "[gpu_check] variant build ($variant_env): exit $?"; tail -n 2 "$LOGS/build-variant.log"
+fi
 step info 30 90 python -m kdops.info
 # An argument error inside a CUDA op once crashed the process (H200, torch 2.11): say so first.
 want errors && step cuda-errors 90 90 python -m benchmarks.cuda_error_repro --gdb
+if want errors && [ -n "$variant_env" ]; then
+  ( cd "$variant_dir" && PYTHONPATH="$variant_dir" timeout 60 python -m benchmarks.cuda_error_repro ) \
+    >"$LOGS/cuda-errors-variant.log" 2>&1
+  echo "[gpu_check] argument errors with the variant build ($variant_env):"; sed "s/^/[gpu_check]   /" "$LOGS/cuda-errors-variant.log" | grep -v "^\[gpu_check\]   \s" | head -n 30
+fi
 
 # --- 2. op benchmarks on a quiet GPU ---------------------------------------------------------
-want bench && step bench-fused 150 230 python -m benchmarks.run --variants cuda triton --repeats 20
+want bench && step bench-fused 150 230 python -m benchmarks.run --variants ${KDOPS_GPU_BENCH_VARIANTS:-cuda triton} --repeats 20
 want profile && step profile 60 210 python -m benchmarks.profile_ops
 
 # --- 3. matmul rates, per-call overhead and recipes -----------------------------------------
@@ -84,15 +106,16 @@ xdist=(); python -c "import xdist" 2>/dev/null && xdist=(-n 2 --max-worker-resta
 run_tests() {  # NAME FILES...: one pytest process over FILES, CUDA and Triton cases only
   local name=$1; shift
   timeout $(( tests_deadline - $(date +%s) )) python -m pytest "$@" -q -rfE -p no:cacheprovider \
-    "${xdist[@]}" -k "cuda or triton" >"$LOGS/tests-$name.log" 2>&1
-  echo "[gpu_check] tests-$name: exit $? ($(tail -n 1 "$LOGS/tests-$name.log"))"
+    "${xdist[@]}" -v -k "cuda or triton" >"$LOGS/tests-$name.log" 2>&1
+  local rc=$? log="$LOGS/tests-$name.log"
+  echo "[gpu_check] tests-$name: exit $rc ($(tail -n 1 "$log" | cut -c1-120)); so far $(grep -c " PASSED " "$log") passed, $(grep -c " FAILED " "$log") failed, $(grep -c " SKIPPED " "$log") skipped"
 }
-chunk_examples=500
+chunk_examples=${KDOPS_GPU_FUZZ_CHUNK:-500}
 fuzz_lane() {  # BACKEND LANE: chunks of $chunk_examples examples of the softmax-KL fuzz tests until the deadline
   local backend=$1 lane=$2 chunk=0
   while (( $(date +%s) + 20 < tests_deadline )); do
     local seed=$(( 100000 * lane + chunk ))
-    KDOPS_FUZZ_EXAMPLES=$chunk_examples KDOPS_FUZZ_SEED=random timeout $(( tests_deadline - $(date +%s) )) \
+    KDOPS_FUZZ_EXAMPLES=$chunk_examples KDOPS_FUZZ_SEED=random KDOPS_FUZZ_SHRINK=0 timeout $(( tests_deadline - $(date +%s) )) \
       python -m pytest tests/fuzz/test_softmax_kl.py -q -p no:cacheprovider -k "cuda-$backend" \
       --hypothesis-seed="$seed" >"$LOGS/fuzz-$backend-$lane-$chunk.log" 2>&1
     echo "$backend seed=$seed exit=$? $(tail -n 1 "$LOGS/fuzz-$backend-$lane-$chunk.log")" >>"$LOGS/fuzz-chunks.log"
@@ -118,6 +141,7 @@ fi
 # With the tests (2 xdist workers each) 6 cores are left for fuzz lanes; without them, all.
 if want fuzz; then
   if want tests; then lanes=$(( ncpu - 10 )); else lanes=$(( ncpu - 1 )); fi; (( lanes < 2 )) && lanes=2
+  [ -n "${KDOPS_GPU_FUZZ_LANES:-}" ] && lanes=$KDOPS_GPU_FUZZ_LANES
   cuda_lanes=$(( lanes / 3 )); (( cuda_lanes < 1 )) && cuda_lanes=1; triton_lanes=$(( lanes - cuda_lanes ))
   for lane in $(seq 1 "$triton_lanes"); do fuzz_lane triton "$lane" & pids+=($!); done
   for lane in $(seq 1 "$cuda_lanes"); do fuzz_lane cuda "$lane" & pids+=($!); done
@@ -125,8 +149,8 @@ fi
 tests_rc=0
 for pid in "${pids[@]}"; do wait "$pid"; done
 echo "[gpu_check] tests + fuzz: $(( $(date +%s) - t0 )) s"
-grep -h "passed\|failed\|error" "$LOGS"/tests-*.log | grep -v "^tests/" | tail -n 20 | sed "s/^/[gpu_check]   /"
-grep -l " failed\| error" "$LOGS"/tests-*.log >/dev/null 2>&1 && tests_rc=1
+grep -h "^FAILED\|crashed while running" "$LOGS"/tests-*.log | sort -u | head -n 30 | cut -c1-250 | sed "s/^/[gpu_check]   /"
+grep -l " FAILED \|^FAILED" "$LOGS"/tests-*.log >/dev/null 2>&1 && tests_rc=1
 python - "$LOGS/fuzz-chunks.log" "$chunk_examples" <<'EOF' | tee "$LOGS/fuzz-summary.log"
 import collections, re, sys
 passed, failed, skipped = collections.Counter(), collections.Counter(), collections.Counter()
