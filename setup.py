@@ -45,6 +45,10 @@ def extension_modules():
         cxx.append("-march=native")
     with_cuda = _flag("KDOPS_FORCE_CUDA") or (torch.version.cuda is not None and CUDA_HOME is not None)
     include_dirs = [os.path.join(ROOT, "csrc")]
+    # The shared C++ runtime, named before the driver's own -lstdc++: a toolchain that ships only
+    # libstdc++.a (the H200 image's /opt/gcc) otherwise links a private copy into kdops._C, whose
+    # locale facets are never initialised: formatting a number in an error message segfaulted.
+    link = ["-fopenmp", "-l:libstdc++.so.6"]
     if with_cuda:
         sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda/*_api.cpp")
         # TORCH_CUDA_ARCH_LIST (e.g. "9.0" on an H100/H200 machine: one architecture, half the
@@ -62,11 +66,11 @@ def extension_modules():
                 # IEEE division, and tests/test_cuda_sources.py checks spills without it.
                 "nvcc": ["-O3", "-lineinfo"] + gencode,
             },
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     else:
         ext = CppExtension("kdops._C", sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+                           extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -1,6 +1,6 @@
-// The map-sized steps of kdops::attention_loss, in ATen (device-generic), shared by the CPU and
-// CUDA registrations: csrc/cpu/attention.cpp and csrc/cuda/attention_api.cpp call them around
-// their own channel-reduction kernels. Torch-facing (like common/tensor_layout.h).
+// The map-sized steps of kdops::attention_loss, in ATen (device-generic): csrc/cuda/attention_api.cpp
+// calls them around its channel-reduction kernels (the CPU kernels do these steps in their own
+// loops, csrc/cpu/attention.cpp). Torch-facing (like common/tensor_layout.h).
 //
 // With raw maps a = scale·Σ_c |x_c|^p of student and teacher:
 //   S = resize(a, size) (bilinear, align_corners=False),  A = norm(S),
@@ -38,13 +38,27 @@ inline at::Tensor resize_map(const at::Tensor& map, at::IntArrayRef size) {
   return at::upsample_bilinear2d(map.unsqueeze(1), size, /*align_corners=*/false).squeeze(1);
 }
 
-// The transpose of resize_map: a gradient (N, H', W') back to (N, H, W).
+// The (out, in) matrix of resize_map along one axis: row o holds the two bilinear weights of
+// output o (align_corners=False: source (o + 0.5)·in/out − 0.5, clamped at 0), in float64.
+// Built by elementwise ops on the maps' device (no host copy, no scatter).
+inline at::Tensor resize_matrix(int64_t in, int64_t out, const at::TensorOptions& options) {
+  const at::TensorOptions f64 = options.dtype(at::kDouble);
+  const at::Tensor source = ((at::arange(out, f64) + 0.5) * (static_cast<double>(in) / out) - 0.5).clamp_min(0.0);
+  const at::Tensor low = source.floor().clamp_max(static_cast<double>(in - 1));
+  const at::Tensor high = (low + 1).clamp_max(static_cast<double>(in - 1));
+  const at::Tensor weight_high = (source - low).unsqueeze(1);
+  const at::Tensor columns = at::arange(in, f64).unsqueeze(0);
+  return (1.0 - weight_high) * columns.eq(low.unsqueeze(1)) + weight_high * columns.eq(high.unsqueeze(1));
+}
+
+// The transpose of resize_map: a gradient (N, H', W') back to (N, H, W), as R_hᵀ · g · R_w in
+// float64. ATen's upsample_bilinear2d_backward adds with atomics on CUDA: its bits change from
+// run to run, and kdops' gradients are deterministic.
 inline at::Tensor resize_map_backward(const at::Tensor& grad, int64_t height, int64_t width) {
   if (grad.size(1) == height && grad.size(2) == width) return grad;
-  return at::upsample_bilinear2d_backward(grad.unsqueeze(1), {grad.size(1), grad.size(2)},
-                                          {grad.size(0), 1, height, width},
-                                          /*align_corners=*/false)
-      .squeeze(1);
+  const at::Tensor rows = resize_matrix(height, grad.size(1), grad.options());
+  const at::Tensor cols = resize_matrix(width, grad.size(2), grad.options());
+  return at::matmul(at::matmul(rows.t(), grad.to(at::kDouble)), cols).to(grad.scalar_type());
 }
 
 // A = norm(S) over the positions of each map; S (N, H', W').

@@ -204,7 +204,8 @@ def test_backend_without_a_kernel_for_a_recipe_op(capsys, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("argv,message", [
-    pytest.param(["--recipe", "cwd", "--backend", "cuda"], "the cuda backend runs on cuda tensors, not cpu",
+    pytest.param(["--recipe", "cwd", "--backend", "cuda", "--device", "cpu"],
+                 "the cuda backend runs on cuda tensors, not cpu",
                  id="cuda-on-cpu"),
     pytest.param(["--recipe", "lgad+cwd"], "need different teachers", id="teacher-conflict"),
     pytest.param(["--recipe", "cwd", "--weight", "kd/logits=1"], "has no term 'kd/logits'", id="weight-term"),
