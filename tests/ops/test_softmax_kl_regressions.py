@@ -111,6 +111,17 @@ def test_extreme_temperatures_give_finite_results(device, backend, op, tau):
         assert relative_error(gs, ref_gs) <= 1e-5
 
 
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_float16_gradient_beyond_the_range_is_inf(device, backend):
+    """Found by the fuzz suite (Triton, interpreter): at τ = 1e6 with a −inf teacher logit the
+    student gradient τ·(p_s − p_t) = ±5e5 exceeds float16's range: it must be ±inf, not NaN."""
+    s = torch.tensor([0.0015, -0.0003], dtype=torch.float16).view(1, 2, 1, 1).to(device)
+    t = torch.tensor([-math.inf, -0.0003], dtype=torch.float16).view(1, 2, 1, 1).to(device)
+    a = s.clone().requires_grad_(True)
+    kdops.pixel_kl(a, t, 1e6, backend=backend).backward()
+    assert a.grad.flatten().tolist() == [math.inf, -math.inf]
+
+
 @pytest.mark.parametrize("tau", [1e-10, 1e-30, 1e-200, 1e-320, 2e6, 1e200, math.inf, math.nan, 0.0, -1.0])
 @pytest.mark.parametrize("op", OPS)
 def test_temperature_outside_the_range_is_an_error(op, tau):
