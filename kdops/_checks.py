@@ -126,13 +126,16 @@ def labels(
     ignore_index: int,
     spatial: Sequence[int] | None = None,
     ignore_index_name: str = "ignore_index",
+    check_values: bool = True,
 ) -> int:
     """An integer label map (N, ...) whose values are in [0, num_classes) or ``ignore_index``.
 
     Returns ``ignore_index`` after checking that the label dtype can hold it. The range check
     reads the labels: on CPU tensors in eager mode it raises at once, naming the first bad
     value; on CUDA tensors (and while ``torch.compile`` traces) it is a device-side assert, so
-    the host never waits for the device.
+    the host never waits for the device. ``check_values=False`` leaves the values to a kernel
+    that checks them itself as it reads them (the C++ prototype kernels): the same error,
+    without a second pass over a label map that may be the image's size.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -147,6 +150,8 @@ def labels(
     if x.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
     ignore_index = integer_for_labels(ignore_index_name, ignore_index, x.dtype)
+    if not check_values:
+        return ignore_index
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
         # Three small ops (a real step calls this every iteration): the range of the labels
         # with the ignored ones mapped into it.

@@ -108,11 +108,17 @@ inline LabelMap label_map(const Tensor& labels, int64_t batch, int64_t height, i
   m.owned = labels.to(at::kLong).contiguous();
   m.data = m.owned.const_data_ptr<int64_t>();
   const int64_t count = m.owned.numel();
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t value = m.data[i];
-    TORCH_CHECK_VALUE(value == ignore_index || (value >= 0 && value < num_classes), "labels hold ",
-                      value, ", outside [0, num_classes=", num_classes, ") and not ignore_index=",
-                      ignore_index);
+  // A branch-free (vectorised) pass; the first bad value is looked up only for the message.
+  // (A label map may be the image's size: 64× the feature map's pixels.)
+  const auto bad = [&](int64_t value) {
+    return value != ignore_index && static_cast<uint64_t>(value) >= static_cast<uint64_t>(num_classes);
+  };
+  int64_t any_bad = 0;
+  for (int64_t i = 0; i < count; ++i) any_bad |= static_cast<int64_t>(bad(m.data[i]));
+  if (any_bad != 0) {
+    const int64_t value = *std::find_if(m.data, m.data + count, bad);
+    TORCH_CHECK_VALUE(false, "labels hold ", value, ", outside [0, num_classes=", num_classes,
+                      ") and not ignore_index=", ignore_index);
   }
   const int64_t in_h = m.owned.size(1), in_w = m.owned.size(2);
   m.stride_n = in_h * in_w;

@@ -84,10 +84,11 @@ void tile_cosines(const acc* x, int64_t stride, int64_t channels, const acc* pac
   }
 }
 
-// Per pixel, the log-softmax over the present classes of o = cos/τ:
-// log_prob[j][t] = o_j − log Σ_j' e^{o_j'} (max-shifted).
+// Per pixel, the log-softmax and softmax over the present classes of o = cos/τ:
+// log_prob[j][t] = o_j − m − log z, prob[j][t] = e^{o_j − m} / z with z = Σ_j' e^{o_j' − m}
+// (m the pixel's max). One exp per entry: the probabilities come from the sum's own terms.
 template <typename acc>
-void tile_log_softmax(const acc* cos, int64_t num_present, acc inv_tau, acc* log_prob) {
+void tile_log_softmax(const acc* cos, int64_t num_present, acc inv_tau, acc* log_prob, acc* prob) {
   // o is stored before the max is taken and subtracted: the top class's shifted logit is then
   // exactly 0 (a contracted cos·(1/τ) − max would leave its rounding error; K = 1 must give 0).
   acc mx[kTile], z[kTile];
@@ -103,15 +104,22 @@ void tile_log_softmax(const acc* cos, int64_t num_present, acc inv_tau, acc* log
   std::fill(z, z + kTile, acc(0));
   for (int64_t j = 0; j < num_present; ++j) {
     acc* lj = log_prob + j * kTile;
+    acc* pj = prob + j * kTile;
     for (int64_t t = 0; t < kTile; ++t) {
       lj[t] -= mx[t];
-      z[t] += std::exp(lj[t]);
+      pj[t] = std::exp(lj[t]);
+      z[t] += pj[t];
     }
   }
-  for (int64_t t = 0; t < kTile; ++t) z[t] = std::log(z[t]);
+  acc log_z[kTile];
+  for (int64_t t = 0; t < kTile; ++t) log_z[t] = std::log(z[t]);
   for (int64_t j = 0; j < num_present; ++j) {
     acc* lj = log_prob + j * kTile;
-    for (int64_t t = 0; t < kTile; ++t) lj[t] -= z[t];
+    acc* pj = prob + j * kTile;
+    for (int64_t t = 0; t < kTile; ++t) {
+      lj[t] -= log_z[t];
+      pj[t] /= z[t];
+    }
   }
 }
 
@@ -148,7 +156,7 @@ KLProblem<acc> kl_problem(const Tensor& student, const Tensor& teacher, const Te
 // The thread buffers of one tile of both sides.
 template <typename acc>
 struct KLTileBuffers {
-  std::vector<acc> xs, xt, cos_s, cos_t, log_q, log_p;  // [C][kTile] and [P][kTile]
+  std::vector<acc> xs, xt, cos_s, cos_t, log_q, log_p, prob_q, prob_p;  // [C][kTile], [P][kTile]
   acc norm_s[kTile], inv_s[kTile], norm_t[kTile], inv_t[kTile], kl[kTile];
   const acc* s_tile = nullptr;  // the tile of each side: the input itself or xs / xt (load_tile)
   const acc* t_tile = nullptr;
@@ -156,7 +164,7 @@ struct KLTileBuffers {
 
   KLTileBuffers(int64_t cs, int64_t ct, int64_t k)
       : xs(cs * kTile), xt(ct * kTile), cos_s(k * kTile), cos_t(k * kTile), log_q(k * kTile),
-        log_p(k * kTile) {}
+        log_p(k * kTile), prob_q(k * kTile), prob_p(k * kTile) {}
 };
 
 // Gathers tile (n, l0) of both sides and computes the cosines, log q, log p over the present
@@ -178,12 +186,13 @@ int64_t kl_tile(const KLProblem<acc>& p, int64_t n, int64_t l0, int64_t count, K
                b.cos_s.data());
   tile_cosines(b.t_tile, b.t_stride, p.t.c, p.packed_t.data() + g * p.t.c * k, k, num_present, b.inv_t,
                b.cos_t.data());
-  tile_log_softmax(b.cos_s.data(), num_present, inv_tau, b.log_q.data());
-  tile_log_softmax(b.cos_t.data(), num_present, inv_tau, b.log_p.data());
+  tile_log_softmax(b.cos_s.data(), num_present, inv_tau, b.log_q.data(), b.prob_q.data());
+  tile_log_softmax(b.cos_t.data(), num_present, inv_tau, b.log_p.data(), b.prob_p.data());
   for (int64_t j = 0; j < num_present; ++j) {
     const acc* lq = b.log_q.data() + j * kTile;
     const acc* lp = b.log_p.data() + j * kTile;
-    for (int64_t t = 0; t < kTile; ++t) b.kl[t] += std::exp(lp[t]) * (lp[t] - lq[t]);
+    const acc* pj = b.prob_p.data() + j * kTile;
+    for (int64_t t = 0; t < kTile; ++t) b.kl[t] += pj[t] * (lp[t] - lq[t]);
   }
   for (int64_t t = count; t < kTile; ++t) b.kl[t] = acc(0);
   return num_present;
@@ -210,6 +219,24 @@ Tensor kl_forward(const KLProblem<acc_t<scalar_t>>& p, const at::TensorOptions& 
   Tensor loss = at::empty({}, options);
   *loss.data_ptr<acc>() = static_cast<acc>(total / static_cast<double>(p.s.n * p.s.l));
   return loss;
+}
+
+// out[j][c] += Σ_t w[j][t] · x[t][c] for kClasses classes (rows kTile apart in w, `channels`
+// apart in out) and c < width ≤ kWidth (x rows `channels` apart): kClasses × kWidth independent
+// accumulators, t in order, so the FMA chains overlap and each sum keeps a fixed order.
+template <typename acc, int64_t kClasses, int64_t kWidth>
+inline void add_tile_products(const acc* w, const acc* x, int64_t channels, acc* out, int64_t width) {
+  acc sums[kClasses][kWidth] = {};
+  for (int64_t t = 0; t < kTile; ++t) {
+    const acc* xt = x + t * channels;
+    for (int64_t jj = 0; jj < kClasses; ++jj) {
+      const acc wj = w[jj * kTile + t];
+      for (int64_t c = 0; c < kWidth; ++c) sums[jj][c] += wj * (c < width ? xt[c] : acc(0));
+    }
+  }
+  for (int64_t jj = 0; jj < kClasses; ++jj) {
+    for (int64_t c = 0; c < width; ++c) out[jj * channels + c] += sums[jj][c];
+  }
 }
 
 // One side's gradients of a tile, from dcos[j][t] = ∂loss/∂cos_j at pixel t:
@@ -240,19 +267,31 @@ void kl_side_grads(const acc* x, int64_t stride, int64_t channels, const acc* pa
     }
   }
   if (grad_hat != nullptr) {
-    // ∂P̂_j += Σ_t dcos_j[t] x̂_t as axpys along C (x̂ transposed to [kTile][C] first): no
-    // reduction across SIMD lanes, which strict IEEE order would keep scalar.
+    // ∂P̂_j += Σ_t dcos_j[t] x̂_t with x̂ transposed to [kTile][C]: per block of kClassBlock
+    // classes × one SIMD width of channels the tile's sum runs in registers (t in order, lanes
+    // independent: no cross-lane reduction, which strict IEEE order would keep scalar), and is
+    // added to grad_hat once. dcos is 0 past the tile's pixels, where x̂ is 0 too.
     for (int64_t c = 0; c < channels; ++c) {
       const acc* xc = x + c * stride;
       for (int64_t t = 0; t < kTile; ++t) x_hat_t[t * channels + c] = xc[t] * inv[t];
     }
-    for (int64_t t = 0; t < kTile; ++t) {
-      const acc* xt = x_hat_t + t * channels;
-      for (int64_t j = 0; j < num_present; ++j) {
-        const acc w = dcos[j * kTile + t];
-        if (w == acc(0)) continue;  // past the tile's pixels
-        acc* row = grad_hat + j * channels;
-        for (int64_t c = 0; c < channels; ++c) row[c] += w * xt[c];
+    constexpr int64_t kLanes = 64 / sizeof(acc);
+    const int64_t full_channels = channels - channels % kLanes;
+    for (int64_t j0 = 0; j0 < num_present; j0 += kClassBlock) {
+      const int64_t classes = std::min(kClassBlock, num_present - j0);
+      const acc* w = dcos + j0 * kTile;
+      acc* out = grad_hat + j0 * channels;
+      for (int64_t c0 = 0; c0 < full_channels; c0 += kLanes) {
+        switch (classes) {
+          case 4: add_tile_products<acc, 4, kLanes>(w, x_hat_t + c0, channels, out + c0, kLanes); break;
+          case 3: add_tile_products<acc, 3, kLanes>(w, x_hat_t + c0, channels, out + c0, kLanes); break;
+          case 2: add_tile_products<acc, 2, kLanes>(w, x_hat_t + c0, channels, out + c0, kLanes); break;
+          default: add_tile_products<acc, 1, kLanes>(w, x_hat_t + c0, channels, out + c0, kLanes); break;
+        }
+      }
+      for (int64_t jj = 0; jj < classes && full_channels < channels; ++jj) {
+        add_tile_products<acc, 1, kLanes>(w + jj * kTile, x_hat_t + full_channels, channels,
+                                          out + jj * channels + full_channels, channels - full_channels);
       }
     }
   }
@@ -298,15 +337,16 @@ void kl_backward(const KLProblem<acc_t<scalar_t>>& p, double grad_loss, GradOut*
         for (int64_t j = 0; j < num_present; ++j) {
           const acc* lq = b.log_q.data() + j * kTile;
           const acc* lp = b.log_p.data() + j * kTile;
+          const acc* qj = b.prob_q.data() + j * kTile;
+          const acc* pj = b.prob_p.data() + j * kTile;
           const acc* cs = b.cos_s.data() + j * kTile;
           const acc* ct = b.cos_t.data() + j * kTile;
           acc* ds = dcos_s.data() + j * kTile;
           acc* dt = dcos_t.data() + j * kTile;
           for (int64_t t = 0; t < kTile; ++t) {
             const acc valid = t < count ? scale : acc(0);
-            const acc prob_t = std::exp(lp[t]);
-            ds[t] = valid * (std::exp(lq[t]) - prob_t);
-            dt[t] = valid * prob_t * (lp[t] - lq[t] - b.kl[t]);
+            ds[t] = valid * (qj[t] - pj[t]);
+            dt[t] = valid * pj[t] * (lp[t] - lq[t] - b.kl[t]);
             dot_s[t] += ds[t] * cs[t];
             dot_t[t] += dt[t] * ct[t];
           }

@@ -16,10 +16,18 @@ def _check_classes(num_classes, ignore_index) -> tuple[int, int]:
     return num_classes, ignore_index
 
 
-def _check_labels(labels, like: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """labels: integer (N, H_l, W_l), any H_l, W_l ≥ 1, on the device of ``like``."""
+# The backends whose kernels check every label value (csrc/cpu/prototypes_common.h label_map:
+# an error at once). The CUDA kernels flag only the labels they read (at the features'
+# positions), so the public API still checks the whole map there.
+_KERNELS_CHECK_LABEL_VALUES = ("cpu",)
+
+
+def _check_labels(labels, like: torch.Tensor, num_classes: int, ignore_index: int, backend: str) -> None:
+    """labels: integer (N, H_l, W_l), any H_l, W_l ≥ 1, on the device of ``like``; its values
+    are checked here unless ``backend``'s kernels check them."""
     _checks.labels(
-        "labels", labels, batch=like.shape[0], num_classes=num_classes, ignore_index=ignore_index
+        "labels", labels, batch=like.shape[0], num_classes=num_classes, ignore_index=ignore_index,
+        check_values=backend not in _KERNELS_CHECK_LABEL_VALUES,
     )
     if labels.dim() != 3 or labels.numel() == 0:
         raise ValueError(
@@ -88,8 +96,9 @@ def prototype_pool(
         raise TypeError(f"per_image must be a bool, got {type(per_image).__name__}")
     if not isinstance(normalize_features, bool):
         raise TypeError(f"normalize_features must be a bool, got {type(normalize_features).__name__}")
-    _check_labels(labels, x, num_classes, ignore_index)
-    return _backend.dispatch("prototype_pool", backend, x)(
+    name = _backend.resolve("prototype_pool", backend, x.device, x.dtype)
+    _check_labels(labels, x, num_classes, ignore_index, name)
+    return _backend.implementation("prototype_pool", name)(
         x, labels, num_classes, ignore_index, per_image, normalize_features
     )
 
@@ -157,8 +166,9 @@ def class_variation_loss(
     """
     _check_features(student, teacher)
     num_classes, ignore_index = _check_classes(num_classes, ignore_index)
-    _check_labels(labels, student, num_classes, ignore_index)
-    return _backend.dispatch("class_variation_loss", backend, student)(
+    name = _backend.resolve("class_variation_loss", backend, student.device, student.dtype)
+    _check_labels(labels, student, num_classes, ignore_index, name)
+    return _backend.implementation("class_variation_loss", name)(
         student, teacher, labels, num_classes, ignore_index
     )
 
