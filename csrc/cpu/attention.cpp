@@ -572,15 +572,20 @@ void attention_loss_maps_forward(const LossGeometry& g, MapNorm norm, const Tens
                                  const Tensor& raw_t, Tensor& s_map, Tensor& t_map, Tensor& loss) {
   const int64_t L = g.out_h * g.out_w;
   const MapResize rs(g.hs, g.ws, g.out_h, g.out_w), rt(g.ht, g.wt, g.out_h, g.out_w);
-  MapPair pair(L);
+  // Images in parallel (the softmax's exps are most of the map work), per-image sums added in order.
+  std::vector<MapAcc> per_image(g.n);
+  at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
+    MapPair pair(L);
+    for (int64_t n = begin; n < end; ++n) {
+      rs.forward(raw_s.const_data_ptr<T>() + n * g.hs * g.ws, pair.s.data());
+      rt.forward(raw_t.const_data_ptr<T>() + n * g.ht * g.wt, pair.t.data());
+      round_trip(pair.s.data(), s_map.data_ptr<T>() + n * L, L);
+      round_trip(pair.t.data(), t_map.data_ptr<T>() + n * L, L);
+      per_image[n] = pair.squared_distance(norm);
+    }
+  });
   MapAcc total = 0;
-  for (int64_t n = 0; n < g.n; ++n) {
-    rs.forward(raw_s.const_data_ptr<T>() + n * g.hs * g.ws, pair.s.data());
-    rt.forward(raw_t.const_data_ptr<T>() + n * g.ht * g.wt, pair.t.data());
-    round_trip(pair.s.data(), s_map.data_ptr<T>() + n * L, L);
-    round_trip(pair.t.data(), t_map.data_ptr<T>() + n * L, L);
-    total += pair.squared_distance(norm);
-  }
+  for (const MapAcc v : per_image) total += v;
   *loss.data_ptr<T>() = static_cast<T>(total / static_cast<MapAcc>(g.n * L));
 }
 
@@ -590,20 +595,22 @@ void attention_loss_maps_backward(const LossGeometry& g, MapNorm norm, double gr
                                   Tensor* grad_raw_t) {
   const int64_t L = g.out_h * g.out_w;
   const MapResize rs(g.hs, g.ws, g.out_h, g.out_w), rt(g.ht, g.wt, g.out_h, g.out_w);
-  MapPair pair(L);
-  std::vector<MapAcc> scratch(std::max(g.hs * g.ws, g.ht * g.wt));
   const MapAcc coef = 2.0 * grad_loss / static_cast<MapAcc>(g.n * L);
-  for (int64_t n = 0; n < g.n; ++n) {
-    pair.load(s_map.const_data_ptr<T>() + n * L, t_map.const_data_ptr<T>() + n * L);
-    pair.squared_distance(norm);
-    pair.backward(norm, coef, grad_raw_s != nullptr, grad_raw_t != nullptr);
-    if (grad_raw_s != nullptr) {
-      rs.backward(pair.d_s.data(), scratch.data(), grad_raw_s->data_ptr<T>() + n * g.hs * g.ws);
+  at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
+    MapPair pair(L);
+    std::vector<MapAcc> scratch(std::max(g.hs * g.ws, g.ht * g.wt));
+    for (int64_t n = begin; n < end; ++n) {
+      pair.load(s_map.const_data_ptr<T>() + n * L, t_map.const_data_ptr<T>() + n * L);
+      pair.squared_distance(norm);
+      pair.backward(norm, coef, grad_raw_s != nullptr, grad_raw_t != nullptr);
+      if (grad_raw_s != nullptr) {
+        rs.backward(pair.d_s.data(), scratch.data(), grad_raw_s->data_ptr<T>() + n * g.hs * g.ws);
+      }
+      if (grad_raw_t != nullptr) {
+        rt.backward(pair.d_t.data(), scratch.data(), grad_raw_t->data_ptr<T>() + n * g.ht * g.wt);
+      }
     }
-    if (grad_raw_t != nullptr) {
-      rt.backward(pair.d_t.data(), scratch.data(), grad_raw_t->data_ptr<T>() + n * g.ht * g.wt);
-    }
-  }
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_loss_cpu(const Tensor& student, const Tensor& teacher,
