@@ -105,7 +105,7 @@ tests_deadline=$(( started + budget - 15 ))
 xdist=(); python -c "import xdist" 2>/dev/null && xdist=(-n 2 --max-worker-restart 20)
 run_tests() {  # NAME FILES...: one pytest process over FILES, CUDA and Triton cases only
   local name=$1; shift
-  timeout $(( tests_deadline - $(date +%s) )) python -m pytest "$@" -q -rfE -p no:cacheprovider \
+  timeout $(( tests_deadline - $(date +%s) )) python -m pytest "$@" -rfE -p no:cacheprovider \
     "${xdist[@]}" -v -k "cuda or triton" >"$LOGS/tests-$name.log" 2>&1
   local rc=$? log="$LOGS/tests-$name.log"
   echo "[gpu_check] tests-$name: exit $rc ($(tail -n 1 "$log" | cut -c1-120)); so far $(grep -c " PASSED " "$log") passed, $(grep -c " FAILED " "$log") failed, $(grep -c " SKIPPED " "$log") skipped"
