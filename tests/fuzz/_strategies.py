@@ -206,7 +206,9 @@ def assert_close(what: str, actual, exact, *, tol: float, dtype: torch.dtype, co
 
     ``exact`` is float64; ``condition`` the oracle's κ for this quantity (same norm).
     """
-    actual = torch.as_tensor(actual).detach().double().cpu()
+    actual = torch.as_tensor(actual).detach()
+    stored_dtype = actual.dtype  # what the backend returned its result in
+    actual = actual.double().cpu()
     exact = torch.as_tensor(exact).detach().double().cpu()
     assert actual.shape == exact.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
     if not torch.isfinite(exact).all():
@@ -214,13 +216,14 @@ def assert_close(what: str, actual, exact, *, tol: float, dtype: torch.dtype, co
         assert same.all(), f"{what}: expected {exact}, got {actual}"
         return
     out_dtype = dtype if actual.dim() > 0 else exact.dtype
-    # An exact value beyond the output dtype's range rounds to ±inf (IEEE round to nearest, e.g.
-    # a float16 gradient τ·(p_s − p_t) at τ = 1e6): there the only right answer is that inf.
-    rounded = exact.to(out_dtype).double()
+    # An exact value beyond the range of the dtype the result is stored in rounds to ±inf (IEEE
+    # round to nearest; e.g. a float16 gradient τ·(p_s − p_t) at τ = 1e6): there the only right
+    # answer is that inf.
+    rounded = exact.to(stored_dtype).double()
     overflow = torch.isinf(rounded)
     if overflow.any():
         assert torch.equal(actual[overflow], rounded[overflow]), (
-            f"{what}: exact values beyond {out_dtype}'s range must round to "
+            f"{what}: exact values beyond {stored_dtype}'s range must round to "
             f"{rounded[overflow].tolist()[:4]}, got {actual[overflow].tolist()[:4]}"
         )
         actual, exact = actual[~overflow], exact[~overflow]
