@@ -1,7 +1,7 @@
 // CUDA kernels of the prototype family (kdops::prototype_pool, kdops::prototype_kl,
 // kdops::class_variation_loss and their backward ops): launch parameters and launchers
-// (torch-free; included by prototypes_{pool,kl,variation}.cu and by prototypes_api.cpp, which fills them from
-// tensors). Math: kdops/reference/prototypes.py (DESIGN.md "Prototypes"); index arithmetic of
+// (torch-free; included by prototypes_{pool,kl,variation}.cu and by prototypes_api.cpp, which
+// fills them from tensors). Math: kdops/reference/prototypes.py (DESIGN.md "Prototypes"); index arithmetic of
 // the labels: csrc/common/prototypes.h.
 //
 // Features are passed as data pointers with (N, C, L) element strides (spatial dims merged).

@@ -1,5 +1,5 @@
-// The torch side of the CUDA kernels of the prototype family (csrc/cuda/prototypes_{pool,kl,variation}.cu): checks
-// the arguments, reads the features as (N, C, L) element strides and the labels in their own
+// The torch side of the CUDA kernels of the prototype family
+// (csrc/cuda/prototypes_{pool,kl,variation}.cu): checks the arguments, reads the features as (N, C, L) element strides and the labels in their own
 // dtype and strides, fills the launch parameters, launches on the current stream of the inputs'
 // device, and registers the ops for the CUDA dispatch key: the same ops, outputs, saved tensors
 // and semantics as csrc/cpu/prototypes_*.cpp. Nothing here synchronises with the device: the
