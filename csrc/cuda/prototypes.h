@@ -1,16 +1,16 @@
 // CUDA kernels of the prototype family (kdops::prototype_pool, kdops::prototype_kl,
 // kdops::class_variation_loss and their backward ops): launch parameters and launchers
 // (torch-free; included by prototypes_{pool,kl,variation}.cu and by prototypes_api.cpp, which
-// fills them from tensors). Math: kdops/reference/prototypes.py (DESIGN.md "Prototypes"); index arithmetic of
-// the labels: csrc/common/prototypes.h.
+// fills them from tensors). Math: kdops/reference/prototypes.py (DESIGN.md "Prototypes"); index
+// arithmetic of the labels: csrc/common/prototypes.h.
 //
 // Features are passed as data pointers with (N, C, L) element strides (spatial dims merged).
 // Labels (N, H_l, W_l) are read in their own dtype through their own strides at the feature
-// resolution (H, W) by nearest neighbour: no resized or converted label map exists. Every sum
-// runs in a fixed order (per-thread loops, fixed shuffle trees, per-unit partial sums added by a
-// second kernel in unit order): the same bits on every run. Accumulation: float32 for float32 /
-// float16 / bfloat16 features, float64 for float64 features; class sums (and the partial sums
-// of prototype gradients) in float64, as the CPU kernels do.
+// resolution (H, W) by nearest neighbour: no resized or converted label map exists. Every sum runs
+// in a fixed order (per-thread loops, fixed shuffle trees, per-unit partial sums added by a second
+// kernel in unit order): the same bits on every run. Accumulation: float32 for float32 / float16 /
+// bfloat16 features, float64 for float64 features; class sums (and the partial sums of prototype
+// gradients) in float64, as the CPU kernels do.
 #pragma once
 
 #include <cuda_runtime_api.h>

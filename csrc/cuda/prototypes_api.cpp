@@ -1,17 +1,18 @@
 // The torch side of the CUDA kernels of the prototype family
-// (csrc/cuda/prototypes_{pool,kl,variation}.cu): checks the arguments, reads the features as (N, C, L) element strides and the labels in their own
-// dtype and strides, fills the launch parameters, launches on the current stream of the inputs'
-// device, and registers the ops for the CUDA dispatch key: the same ops, outputs, saved tensors
-// and semantics as csrc/cpu/prototypes_*.cpp. Nothing here synchronises with the device: the
-// incoming gradient is read by the kernels, and a label outside [0, num_classes) that is not
-// ignore_index becomes a device-side assert.
+// (csrc/cuda/prototypes_{pool,kl,variation}.cu): checks the arguments, reads the features as
+// (N, C, L) element strides and the labels in their own dtype and strides, fills the launch
+// parameters, launches on the current stream of the inputs' device, and registers the ops for the
+// CUDA dispatch key: the same ops, outputs, saved tensors and semantics as
+// csrc/cpu/prototypes_*.cpp. Nothing here synchronises with the device: the incoming gradient is
+// read by the kernels, and a label outside [0, num_classes) that is not ignore_index becomes a
+// device-side assert.
 //
-// Features whose spatial dims merge into one stride run without a copy (coalesced when that
-// stride is 1, contiguous NCHW); others are copied once into contiguous tensors. A gradient of
-// a feature is returned in the tensor empty_like(input) gives (what the fake kernels promise);
-// when its spatial dims cannot merge it is written to a contiguous buffer and copied in once.
-// The small (K, C) tensors (prototypes, their normalised copies and gradients) are float32
-// (float64 for float64 features), contiguous.
+// Features whose spatial dims merge into one stride run without a copy (coalesced when that stride
+// is 1, contiguous NCHW); others are copied once into contiguous tensors. A gradient of a feature
+// is returned in the tensor empty_like(input) gives (what the fake kernels promise); when its
+// spatial dims cannot merge it is written to a contiguous buffer and copied in once. The small
+// (K, C) tensors (prototypes, their normalised copies and gradients) are float32 (float64 for
+// float64 features), contiguous.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
