@@ -124,6 +124,10 @@ fuzz_lane() {  # BACKEND LANE: chunks of $chunk_examples examples of the softmax
 }
 t0=$(date +%s)
 pids=()
+# One CPU thread per process: the test workers and fuzz lanes already fill the cores, and
+# torch's default of one thread per core in each of 16 processes oversubscribed the machine
+# (a CUDA fuzz example cost ~0.1 s, most of it the float64 oracle waiting for a core).
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 if want tests; then
 run_tests correlation tests/ops/test_correlation.py tests/ops/test_correlation_api.py tests/triton/test_correlation_triton.py & pids+=($!)
 run_tests prototypes tests/ops/test_prototypes.py tests/ops/test_prototypes_api.py tests/triton/test_prototypes_triton.py & pids+=($!)
