@@ -125,8 +125,8 @@ fuzz_lane() {  # BACKEND LANE: chunks of $chunk_examples examples of the softmax
 t0=$(date +%s)
 pids=()
 # One CPU thread per process: the test workers and fuzz lanes already fill the cores, and
-# torch's default of one thread per core in each of 16 processes oversubscribed the machine
-# (a CUDA fuzz example cost ~0.1 s, most of it the float64 oracle waiting for a core).
+# torch's default (a thread per core in each of 16 processes) oversubscribes them; the fuzz
+# oracles run in float64 on the CPU (a CUDA fuzz example cost ~0.1 s with the default).
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 if want tests; then
 run_tests correlation tests/ops/test_correlation.py tests/ops/test_correlation_api.py tests/triton/test_correlation_triton.py & pids+=($!)
