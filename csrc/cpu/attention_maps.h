@@ -110,8 +110,10 @@ inline void normalize_positions(const MapAcc* s, MapAcc* a, int64_t L, MapNorm n
     for (int64_t i = 0; i < L; ++i) a[i] *= inv;
   } else {
     const MapAcc sq = lane_sum(L, [s](int64_t i) { return s[i] * s[i]; });
-    const MapAcc inv = 1.0 / std::max(std::sqrt(sq), kMapNormEps);
-    for (int64_t i = 0; i < L; ++i) a[i] = s[i] * inv;
+    // A division, not a product with 1/‖S‖: one rounding, and a map with one non-zero position
+    // normalises to exactly ±1 (two such maps then give exactly 0, as the exact loss does).
+    const MapAcc length = std::max(std::sqrt(sq), kMapNormEps);
+    for (int64_t i = 0; i < L; ++i) a[i] = s[i] / length;
   }
 }
 

@@ -502,3 +502,30 @@ def test_kernel_ops_reject_bad_input(device, backend):
         namespace.class_attention_scores(x, torch.randn(4, 2, device=device), None)
     with pytest.raises((ValueError, RuntimeError), match="bias must have shape"):
         namespace.class_attention_scores(x, torch.randn(4, 3, device=device), torch.randn(3, device=device))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_single_position_l2_maps_give_exactly_zero(device, backend):
+    """Found by the fuzz suite: 1×1 maps normalise to exactly 1, so two of them differ by exactly
+    0 (the CPU kernels once multiplied by 1/‖S‖ and left (1 − 2⁻⁵³)² behind)."""
+    s = torch.tensor([[[[0.37]], [[-1.3]]]], dtype=torch.float64, device=device)
+    t = torch.tensor([[[[2.9]]]], dtype=torch.float64, device=device)
+    for dtype in _exact_dtypes(backend):
+        loss = kdops.attention_loss(s.to(dtype), t.to(dtype), 1.0, "sum", "l2", backend=backend)
+        assert loss.item() == 0.0, (dtype, loss.item())
+
+
+@pytest.mark.parametrize("device,backend", CLASS_BACKENDS)
+def test_class_maps_with_one_positive_position_give_exactly_zero(device, backend):
+    """Found by the fuzz suite (float64): each class map keeps one position after the ReLU, so
+    both sides normalise to the same one-hot maps and the loss is exactly 0."""
+    s = torch.tensor([[[[-4.38e-05, 8.6214e-04]]]], dtype=torch.float64, device=device)
+    t = torch.tensor([[[[-1.0, 3.0]]]], dtype=torch.float64, device=device)
+    w = torch.ones(1, 1, dtype=torch.float64, device=device)
+    for dtype in _exact_dtypes(backend):
+        loss = kdops.class_attention_loss(s.to(dtype), t.to(dtype), w, w, None, None, "l2", backend=backend)
+        assert loss.item() == 0.0, (dtype, loss.item())
+
+
+def _exact_dtypes(backend):
+    return (torch.float32,) if backend == "triton" else (torch.float32, torch.float64)
