@@ -192,12 +192,21 @@ inline GramDifference gram_difference(const Tensor& student, const Tensor& teach
   const Tensor xs = features(student), xt = features(teacher);
   const int64_t ls = xs.size(2), lt = xt.size(2);
   GramDifference out;
-  out.student_gram = at::bmm(xs, transposed(xs)).to(at::kDouble);
   Tensor raw_difference;  // G_s − G_t
   if (ls == lt) {
     raw_difference = symmetric_part(at::bmm(xs + xt, transposed(xs - xt))).to(at::kDouble);
-    out.teacher_gram = out.student_gram - raw_difference;
+    // Per image, the Gram of the side with the smaller ‖X‖_F is formed directly and the other
+    // is it ± ΔG: no cancellation whether the two are close or far apart (a teacher 1000×
+    // smaller than the student lost every digit of G_t = G_s − ΔG). Chosen on the device.
+    const Tensor teacher_smaller =
+        (xt.square().sum({1, 2}, false, at::kDouble) < xs.square().sum({1, 2}, false, at::kDouble))
+            .view({-1, 1, 1});
+    const Tensor x_small = at::where(teacher_smaller, xt, xs);
+    const Tensor g_small = at::bmm(x_small, transposed(x_small)).to(at::kDouble);
+    out.student_gram = at::where(teacher_smaller, g_small + raw_difference, g_small);
+    out.teacher_gram = at::where(teacher_smaller, g_small, g_small - raw_difference);
   } else {
+    out.student_gram = at::bmm(xs, transposed(xs)).to(at::kDouble);
     out.teacher_gram = at::bmm(xt, transposed(xt)).to(at::kDouble);
     raw_difference = out.student_gram - out.teacher_gram;
   }

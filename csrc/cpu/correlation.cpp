@@ -93,13 +93,19 @@ struct ContiguousGradOut {
 // ---------------------------------------------------------------------------------------------
 // channel_correlation_loss
 //
-// gs: G_s (N, C, C); other: M = Σ Dᵀ (same L: ΔG = sym(M)) or G_t (other L). Per row (n, i) the
-// row of R_s − R_t in float64, and G_s, G_t and their norms for the backward formulas.
+// base: per image the Gram of one side formed directly (N, C, C); other: M = Σ Dᵀ (same L:
+// ΔG = G_s − G_t = sym(M)) or G_t (other L, base = G_s). With the same L the other side's Gram is
+// base ± ΔG, and base is the side of the smaller norm (‖X‖_F): G_large = G_small ± ΔG adds
+// without cancellation whether the two are close (ΔG small) or far apart (ΔG ≈ G_large), where
+// G_small = G_large − ΔG would lose every digit of a small teacher (features 1000× smaller than
+// the student's gave a 15 % error). Per row (n, i) the row of R_s − R_t in float64, and G_s, G_t
+// and their norms for the backward formulas.
 
 template <typename acc>
 struct GramRows {
-  const acc* gs;
+  const acc* base;
   const acc* other;
+  const char* base_is_teacher;  // (N,) flags, same L only
   int64_t c;
   bool same_length;
   Norm norm;
@@ -108,15 +114,21 @@ struct GramRows {
   // Fills gs_row, gt_row, diff_row (length c) for row i of image n; returns (r_s, r_t).
   std::pair<double, double> row(int64_t n, int64_t i, double* gs_row, double* gt_row,
                                 double* diff_row) const {
-    const acc* g = gs + (n * c + i) * c;
+    const acc* g = base + (n * c + i) * c;
     const acc* m = other + n * c * c;
+    const bool teacher_base = same_length && base_is_teacher[n] != 0;
     double ss = 0.0, tt = 0.0, cross = 0.0;
     for (int64_t j = 0; j < c; ++j) {
-      const double s = g[j];
+      double s = g[j];
       double d, t;
       if (same_length) {
         d = 0.5 * (static_cast<double>(m[i * c + j]) + static_cast<double>(m[j * c + i]));
-        t = s - d;
+        if (teacher_base) {
+          t = s;
+          s = t + d;
+        } else {
+          t = s - d;
+        }
       } else {
         t = m[i * c + j];
         d = s - t;
@@ -154,10 +166,31 @@ struct GramRows {
   }
 };
 
-// The Gram products of a channel_correlation_loss call: (G_s, M or G_t), accumulation dtype.
-std::pair<Tensor, Tensor> loss_grams(const Tensor& xs, const Tensor& xt) {
-  const Tensor gs = at::bmm(xs, xs.transpose(1, 2));
-  if (xs.size(2) != xt.size(2)) return {gs, at::bmm(xt, xt.transpose(1, 2))};
+// The Gram products of a channel_correlation_loss call (see GramRows): base, M or G_t, and
+// per image whether base is the teacher's Gram; accumulation dtype.
+struct LossGrams {
+  Tensor base, other;
+  std::vector<char> base_is_teacher;  // char, not bool: std::vector<bool> has no data()
+};
+
+LossGrams loss_grams(const Tensor& xs, const Tensor& xt) {
+  const int64_t images = xs.size(0);
+  LossGrams out;
+  out.base_is_teacher.assign(images, 0);
+  if (xs.size(2) != xt.size(2)) {
+    out.base = at::bmm(xs, xs.transpose(1, 2));
+    out.other = at::bmm(xt, xt.transpose(1, 2));
+    return out;
+  }
+  const Tensor squares_s = xs.square().sum({1, 2}, false, at::kDouble);
+  const Tensor squares_t = xt.square().sum({1, 2}, false, at::kDouble);
+  out.base = at::empty({images, xs.size(1), xs.size(1)}, xs.options());
+  for (int64_t n = 0; n < images; ++n) {
+    out.base_is_teacher[n] = squares_t[n].item<double>() < squares_s[n].item<double>();
+    const Tensor x = out.base_is_teacher[n] ? xt[n] : xs[n];
+    Tensor base_n = out.base[n];
+    at::mm_out(base_n, x, x.t());
+  }
   // Σ = X_s + X_t and D = X_s − X_t in one pass, stacked (N, 2C, L).
   const int64_t n = xs.size(0), c = xs.size(1), l = xs.size(2);
   Tensor operands = at::empty({n, 2 * c, l}, xs.options());
@@ -180,7 +213,8 @@ std::pair<Tensor, Tensor> loss_grams(const Tensor& xs, const Tensor& xt) {
     });
   });
   const Tensor sum = operands.narrow(1, 0, c), difference = operands.narrow(1, c, c);
-  return {gs, at::bmm(sum, difference.transpose(1, 2))};
+  out.other = at::bmm(sum, difference.transpose(1, 2));
+  return out;
 }
 
 Tensor channel_correlation_loss_cpu(const Tensor& student, const Tensor& teacher,
@@ -191,10 +225,11 @@ Tensor channel_correlation_loss_cpu(const Tensor& student, const Tensor& teacher
   IeeeMatmulGuard guard;
   const Tensor xs = contiguous_features(student), xt = contiguous_features(teacher);
   const int64_t n = xs.size(0), c = xs.size(1);
-  const auto [gs, other] = loss_grams(xs, xt);
+  const LossGrams grams = loss_grams(xs, xt);
   std::vector<double> partial(n * c, 0.0);
   AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "channel_correlation_loss_cpu", [&] {
-    const GramRows<scalar_t> rows{gs.const_data_ptr<scalar_t>(), other.const_data_ptr<scalar_t>(),
+    const GramRows<scalar_t> rows{grams.base.const_data_ptr<scalar_t>(),
+                                  grams.other.const_data_ptr<scalar_t>(), grams.base_is_teacher.data(),
                                   c, xs.size(2) == xt.size(2), norm,
                                   static_cast<double>(xs.size(2)), static_cast<double>(xt.size(2))};
     at::parallel_for(0, n * c, 8, [&](int64_t begin, int64_t end) {
@@ -223,12 +258,13 @@ std::tuple<Tensor, Tensor> channel_correlation_loss_backward_cpu(
   IeeeMatmulGuard guard;
   const Tensor xs = contiguous_features(student), xt = contiguous_features(teacher);
   const int64_t n = xs.size(0), c = xs.size(1);
-  const auto [gs, other] = loss_grams(xs, xt);
+  const LossGrams grams = loss_grams(xs, xt);
   // Rows of ∂loss/∂G_s and ∂loss/∂G_t, then symmetrised into the weights of X.
   Tensor half_s = at::empty({n, c, c}, xs.options()), half_t = at::empty({n, c, c}, xs.options());
   const double scale = 2.0 * g / static_cast<double>(n * c);  // ∂loss/∂R_s = scale · (R_s − R_t)
   AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "channel_correlation_loss_backward_cpu", [&] {
-    const GramRows<scalar_t> rows{gs.const_data_ptr<scalar_t>(), other.const_data_ptr<scalar_t>(),
+    const GramRows<scalar_t> rows{grams.base.const_data_ptr<scalar_t>(),
+                                  grams.other.const_data_ptr<scalar_t>(), grams.base_is_teacher.data(),
                                   c, xs.size(2) == xt.size(2), norm,
                                   static_cast<double>(xs.size(2)), static_cast<double>(xt.size(2))};
     scalar_t* out_s = half_s.data_ptr<scalar_t>();

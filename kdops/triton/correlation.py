@@ -266,11 +266,12 @@ def _normalisation_backward_kernel(x_ptr, g_ptr, norms_ptr, out_ptr, C, L,
 
 
 @triton.jit
-def _grams_kernel(s_ptr, t_ptr, g_ptr, m_ptr, C, L,
-                  s_sn, s_sc, s_sl, t_sn, t_sc, t_sl,
+def _grams_kernel(s_ptr, t_ptr, b_ptr, g_ptr, m_ptr, C, L,
+                  s_sn, s_sc, s_sl, t_sn, t_sc, t_sl, b_sn, b_sc, b_sl,
                   DIFFERENCE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_L: tl.constexpr,
                   PRECISION: tl.constexpr):
-    """g = X_s X_sᵀ; with DIFFERENCE also m = (X_s + X_t)(X_s − X_t)ᵀ (equal L). (N, C, C) float32."""
+    """g = X_b X_bᵀ (X_b: the base features, per image the student's or the teacher's); with
+    DIFFERENCE also m = (X_s + X_t)(X_s − X_t)ᵀ (equal L). (N, C, C) float32."""
     n = tl.program_id(0)
     rows_i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     rows_j = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
@@ -278,10 +279,12 @@ def _grams_kernel(s_ptr, t_ptr, g_ptr, m_ptr, C, L,
     acc_m = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for l0 in range(0, L, BLOCK_L):
         cols = l0 + tl.arange(0, BLOCK_L)
-        s_i = _load_tile(s_ptr, n, rows_i, cols, C, L, s_sn, s_sc, s_sl)
-        s_j = _load_tile(s_ptr, n, rows_j, cols, C, L, s_sn, s_sc, s_sl)
-        acc_g = tl.dot(s_i, tl.trans(s_j), acc_g, input_precision=PRECISION)
+        b_i = _load_tile(b_ptr, n, rows_i, cols, C, L, b_sn, b_sc, b_sl)
+        b_j = _load_tile(b_ptr, n, rows_j, cols, C, L, b_sn, b_sc, b_sl)
+        acc_g = tl.dot(b_i, tl.trans(b_j), acc_g, input_precision=PRECISION)
         if DIFFERENCE:
+            s_i = _load_tile(s_ptr, n, rows_i, cols, C, L, s_sn, s_sc, s_sl)
+            s_j = _load_tile(s_ptr, n, rows_j, cols, C, L, s_sn, s_sc, s_sl)
             t_i = _load_tile(t_ptr, n, rows_i, cols, C, L, t_sn, t_sc, t_sl)
             t_j = _load_tile(t_ptr, n, rows_j, cols, C, L, t_sn, t_sc, t_sl)
             acc_m = tl.dot(s_i + t_i, tl.trans(s_j - t_j), acc_m, input_precision=PRECISION)
@@ -293,15 +296,20 @@ def _grams_kernel(s_ptr, t_ptr, g_ptr, m_ptr, C, L,
 
 
 @triton.jit
-def _difference_row(gs_ptr, other_ptr, row_base, col_base, j, C, SAME_LENGTH: tl.constexpr):
-    """(g_s, g_t, ΔG) at columns j of one row, float64."""
+def _difference_row(gs_ptr, other_ptr, row_base, col_base, j, C, teacher_base,
+                    SAME_LENGTH: tl.constexpr):
+    """(g_s, g_t, ΔG) at columns j of one row, float64. Equal L: gs_ptr holds the Gram of the
+    image's smaller-norm side (the teacher's when teacher_base) and the other side's is it ± ΔG,
+    which adds without cancellation (see csrc/cpu/correlation.cpp GramRows)."""
     mask = j < C
     s = tl.load(gs_ptr + row_base + j, mask=mask, other=0.0).to(tl.float64)
     if SAME_LENGTH:
         m_ij = tl.load(other_ptr + row_base + j, mask=mask, other=0.0).to(tl.float64)
         m_ji = tl.load(other_ptr + col_base + j.to(tl.int64) * C, mask=mask, other=0.0).to(tl.float64)
         d = 0.5 * (m_ij + m_ji)
-        t = s - d
+        base = s
+        s = tl.where(teacher_base, base + d, base)
+        t = tl.where(teacher_base, base, base - d)
     else:
         t = tl.load(other_ptr + row_base + j, mask=mask, other=0.0).to(tl.float64)
         d = s - t
@@ -328,8 +336,8 @@ def _normalised_difference(s, t, d, rs, rt, gap_scale, length_s, length_t,
 
 
 @triton.jit
-def _gram_rows_kernel(gs_ptr, other_ptr, partial_ptr, half_s_ptr, half_t_ptr, grad_loss_ptr, C,
-                      length_s, length_t, factor,
+def _gram_rows_kernel(gs_ptr, other_ptr, flags_ptr, partial_ptr, half_s_ptr, half_t_ptr,
+                      grad_loss_ptr, C, length_s, length_t, factor,
                       NORM: tl.constexpr, SAME_LENGTH: tl.constexpr, BACKWARD: tl.constexpr,
                       STUDENT: tl.constexpr, TEACHER: tl.constexpr, BLOCK_C: tl.constexpr):
     """One row (n, i) of R_s − R_t. Forward: partial[row] = Σ_j (R_s − R_t)². Backward: the rows
@@ -339,12 +347,13 @@ def _gram_rows_kernel(gs_ptr, other_ptr, partial_ptr, half_s_ptr, half_t_ptr, gr
     i = row % C
     row_base = row * C
     col_base = n * C * C + i
+    teacher_base = tl.load(flags_ptr + n) != 0
     ss = tl.zeros((), dtype=tl.float64)
     tt = tl.zeros((), dtype=tl.float64)
     cross = tl.zeros((), dtype=tl.float64)
     for c0 in range(0, C, BLOCK_C):
         j = c0 + tl.arange(0, BLOCK_C)
-        s, t, d = _difference_row(gs_ptr, other_ptr, row_base, col_base, j, C, SAME_LENGTH)
+        s, t, d = _difference_row(gs_ptr, other_ptr, row_base, col_base, j, C, teacher_base, SAME_LENGTH)
         ss += tl.sum(s * s, axis=0)
         tt += tl.sum(t * t, axis=0)
         cross += tl.sum(d * (s + t), axis=0)
@@ -358,7 +367,7 @@ def _gram_rows_kernel(gs_ptr, other_ptr, partial_ptr, half_s_ptr, half_t_ptr, gr
     radial_t = tl.zeros((), dtype=tl.float64)
     for c0 in range(0, C, BLOCK_C):
         j = c0 + tl.arange(0, BLOCK_C)
-        s, t, d = _difference_row(gs_ptr, other_ptr, row_base, col_base, j, C, SAME_LENGTH)
+        s, t, d = _difference_row(gs_ptr, other_ptr, row_base, col_base, j, C, teacher_base, SAME_LENGTH)
         diff = _normalised_difference(s, t, d, rs, rt, gap_scale, length_s, length_t, NORM, SAME_LENGTH)
         total += tl.sum(diff * diff, axis=0)
         radial_s += tl.sum(s * diff, axis=0)
@@ -369,7 +378,7 @@ def _gram_rows_kernel(gs_ptr, other_ptr, partial_ptr, half_s_ptr, half_t_ptr, gr
         radial_t = tl.where(rt > _NORM_EPS, radial_t / (rt_c * rt_c), 0.0)
         for c0 in range(0, C, BLOCK_C):
             j = c0 + tl.arange(0, BLOCK_C)
-            s, t, d = _difference_row(gs_ptr, other_ptr, row_base, col_base, j, C, SAME_LENGTH)
+            s, t, d = _difference_row(gs_ptr, other_ptr, row_base, col_base, j, C, teacher_base, SAME_LENGTH)
             diff = _normalised_difference(s, t, d, rs, rt, gap_scale, length_s, length_t, NORM, SAME_LENGTH)
             if NORM == 2:
                 grad_s = diff * scale
@@ -604,22 +613,30 @@ def _pairwise_backward(grad_loss, student, teacher, norms, detach_norm, student_
 
 
 def _loss_grams(xs: torch.Tensor, xt: torch.Tensor, b: dict[str, int]):
-    """(G_s, M) with equal L, else (G_s, G_t); (N, C, C) float32."""
+    """(base, M, flags, same) with equal L — base the Gram of each image's smaller-norm side
+    (flags[n] = 1: the teacher's), M = (X_s + X_t)(X_s − X_t)ᵀ — else (G_s, G_t, zeros, False);
+    (N, C, C) float32, flags (N,) int32. The flags are computed on the device (no host sync)."""
     n, c, ls = xs.shape
     tiles = triton.cdiv(c, b["block"])
     gs = new_buffer((n, c, c), torch.float32, xs.device)
     other = new_buffer((n, c, c), torch.float32, xs.device)
     same = ls == xt.shape[2]
+    if same:
+        flags = (xt.float().square().sum((1, 2)) < xs.float().square().sum((1, 2))).to(torch.int32)
+        base = torch.where(flags.view(-1, 1, 1).bool(), xt, xs)
+    else:
+        flags = torch.zeros(n, dtype=torch.int32, device=xs.device)
+        base = xs
     _grams_kernel[(n, tiles, tiles)](
-        xs, xt, gs, other, c, ls, *xs.stride(), *xt.stride(),
+        xs, xt, base, gs, other, c, ls, *xs.stride(), *xt.stride(), *base.stride(),
         DIFFERENCE=same, BLOCK=b["block"], BLOCK_L=b["block_l"], PRECISION=_precision(),
     )
     if not same:
         _grams_kernel[(n, tiles, tiles)](
-            xt, xt, other, other, c, xt.shape[2], *xt.stride(), *xt.stride(),
+            xt, xt, xt, other, other, c, xt.shape[2], *xt.stride(), *xt.stride(), *xt.stride(),
             DIFFERENCE=False, BLOCK=b["block"], BLOCK_L=b["block_l"], PRECISION=_precision(),
         )
-    return gs, other, same
+    return gs, other, flags, same
 
 
 def _correlation_loss_forward(student: torch.Tensor, teacher: torch.Tensor, norm: str):
@@ -628,10 +645,11 @@ def _correlation_loss_forward(student: torch.Tensor, teacher: torch.Tensor, norm
     n, c, ls = xs.shape
     b = _blocks(c, ls)
     with device_guard(student):
-        gs, other, same = _loss_grams(xs, xt, b)
+        gs, other, flags, same = _loss_grams(xs, xt, b)
         partial = new_buffer((n * c,), torch.float64, student.device)
         _gram_rows_kernel[(n * c,)](
-            gs, other, partial, partial, partial, partial, c, float(ls), float(xt.shape[2]), 0.0,
+            gs, other, flags, partial, partial, partial, partial, c, float(ls),
+            float(xt.shape[2]), 0.0,
             NORM=_NORM_CODES[norm], SAME_LENGTH=same, BACKWARD=False, STUDENT=False, TEACHER=False,
             BLOCK_C=b["block_rows"],
         )
@@ -650,11 +668,12 @@ def _correlation_loss_backward(grad_loss, student, teacher, norm, student_requir
     grad_loss = grad_loss.reshape(1).to(torch.float32)
     outs = []
     with device_guard(student):
-        gs, other, same = _loss_grams(xs, xt, b)
+        gs, other, flags, same = _loss_grams(xs, xt, b)
         half_s = new_buffer((n, c, c), torch.float32, student.device)
         half_t = new_buffer((n, c, c), torch.float32, student.device)
         _gram_rows_kernel[(n * c,)](
-            gs, other, half_s, half_s, half_t, grad_loss, c, float(ls), float(xt.shape[2]), 2.0 / (n * c),
+            gs, other, flags, half_s, half_s, half_t, grad_loss, c, float(ls), float(xt.shape[2]),
+            2.0 / (n * c),
             NORM=_NORM_CODES[norm], SAME_LENGTH=same, BACKWARD=True, STUDENT=student_requires_grad,
             TEACHER=teacher_requires_grad, BLOCK_C=b["block_rows"],
         )
@@ -684,7 +703,7 @@ def _channel_correlation_forward(x: torch.Tensor, norm: str):
         tiles = triton.cdiv(c, b["block"])
         gram = new_buffer((n, c, c), torch.float32, x.device)
         _grams_kernel[(n, tiles, tiles)](
-            flat, flat, gram, gram, c, length, *flat.stride(), *flat.stride(),
+            flat, flat, flat, gram, gram, c, length, *flat.stride(), *flat.stride(), *flat.stride(),
             DIFFERENCE=False, BLOCK=b["block"], BLOCK_L=b["block_l"], PRECISION=_precision(),
         )
         out = new_buffer((n, c, c), torch.float32, x.device)
