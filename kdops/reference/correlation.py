@@ -73,19 +73,24 @@ def pairwise_affinity_loss(
     channels at each position; A = X̂ᵀ X̂ is the L × L cosine affinity of positions.
     ``detach_norm=True``: the per-pixel norm is a constant for the gradient (SKD's code divides
     by ``L2(feat).detach()``); the loss is the same.
-    No L × L matrix is formed: with the C × C products S = X̂_s X̂_sᵀ, M = X̂_t X̂_sᵀ and
-    T = X̂_t X̂_tᵀ, Σ (A_s − A_t)² = ‖S‖²_F − 2‖M‖²_F + ‖T‖²_F (trace identities), so memory
-    is O(N·C² + N·C·L). The three terms are of order L²/C and nearly cancel when the student is
-    close to the teacher, hence float64. Returns a scalar in the accumulation dtype.
+    No L × L matrix is formed: with D = X̂_s − X̂_t and Σ = X̂_s + X̂_t (the narrower side padded
+    with zero channels, which leave its affinities unchanged), A_s − A_t = sym(Σᵀ D) and
+    Σ (A_s − A_t)² = ½(⟨Σ Σᵀ, D Dᵀ⟩ + ⟨K, Kᵀ⟩) with K = D Σᵀ: C × C products only (memory
+    O(N·C² + N·C·L)), each term a product with the small D, so nothing cancels when the student
+    is close to the teacher (the identity ‖S‖² − 2‖M‖² + ‖T‖² of the three Grams would subtract
+    numbers of order L²/C). Float64. Returns a scalar in the accumulation dtype.
     """
     n = student.shape[0]
     s = _normalize_pixels(_features64(student), detach_norm)
     t = _normalize_pixels(_features64(teacher), detach_norm)
+    channels = max(s.shape[1], t.shape[1])
+    s = torch.nn.functional.pad(s, (0, 0, 0, channels - s.shape[1]))
+    t = torch.nn.functional.pad(t, (0, 0, 0, channels - t.shape[1]))
     length = s.shape[2]
-    student_term = (s @ s.transpose(1, 2)).square().sum()
-    cross_term = (t @ s.transpose(1, 2)).square().sum()
-    teacher_term = (t @ t.transpose(1, 2)).square().sum()
-    total = student_term - 2.0 * cross_term + teacher_term
+    difference, total_sum = s - t, s + t
+    k = difference @ total_sum.transpose(1, 2)
+    total = 0.5 * (((total_sum @ total_sum.transpose(1, 2)) * (difference @ difference.transpose(1, 2))).sum()
+                   + (k * k.transpose(1, 2)).sum())
     return (total / (n * length * length)).to(accumulation_dtype(student))
 
 
