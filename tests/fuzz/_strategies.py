@@ -25,7 +25,8 @@ values the backend saw, i.e. after rounding the inputs to their dtype) by
 * ‖round_dtype(x) − x‖ is the error of merely storing the exact result in the output dtype
   (gradients come back in the input's dtype; float16 subnormals lose most of their digits).
 * An exact value beyond the output dtype's range must come back as the ±inf it rounds to
-  (a float16 gradient of order τ at τ = 1e6), and is left out of the norms above.
+  (a float16 gradient of order τ at τ = 1e6), and is left out of the norms above; where the
+  bound itself exceeds the stored dtype's range, ±inf (never NaN) is within round-off.
 
 So a fused kernel passes when it is as accurate as DESIGN.md asks, or when float32 round-off
 that the specified algorithm cannot avoid explains its error — never because a looser number
@@ -227,12 +228,19 @@ def assert_close(what: str, actual, exact, *, tol: float, dtype: torch.dtype, co
             f"{rounded[overflow].tolist()[:4]}, got {actual[overflow].tolist()[:4]}"
         )
         actual, exact = actual[~overflow], exact[~overflow]
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values where the exact result is finite"
-    error = (actual - exact).norm().item()
     bound = max(
         tol * exact.norm().item(),
         ROUNDOFF_FACTOR * unit_roundoff(dtype) * condition + 2 * storage_error(exact, out_dtype),
     )
+    if stored_dtype.is_floating_point and bound >= torch.finfo(stored_dtype).max:
+        # The round-off the algorithm cannot avoid reaches past the stored dtype's range (float16
+        # features of 1e4, where the exact gradient is 0 and float32 Grams of 1e10 round by 1e3):
+        # an inf there is a rounded value, not a failure. NaN never is.
+        assert not torch.isnan(actual).any(), f"{what}: NaN where the exact result is finite"
+        finite = torch.isfinite(actual)
+        actual, exact = actual[finite], exact[finite]
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values where the exact result is finite"
+    error = (actual - exact).norm().item()
     assert error <= bound, (
         f"{what}: error {error:.3e} > bound {bound:.3e} (|exact| {exact.norm().item():.3e}, "
         f"tol {tol:g}, condition {condition:.3e})"
