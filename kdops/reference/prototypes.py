@@ -83,7 +83,10 @@ def prototype_pool(
     flat_labels = resize_labels(labels, (h, w)).reshape(n, h * w)
     feats = flatten_spatial(x)
     if normalize_features:
-        feats = normalize(feats, dim=1)
+        # Ignored pixels are zeroed before the normalisation too: NaN there would otherwise
+        # reach the gradient through normalize's backward (0 · ∂x̂/∂x at a NaN pixel is NaN).
+        valid = (flat_labels != ignore_index)[:, None, :]
+        feats = normalize(torch.where(valid, feats, 0.0), dim=1)
     return _pool(feats, flat_labels, num_classes, ignore_index, per_image)
 
 

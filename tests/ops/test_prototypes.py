@@ -868,3 +868,22 @@ def test_cuda_no_feature_sized_temporaries(op):
     extra = torch.cuda.max_memory_allocated() - base - gradient_bytes
     feature_bytes = s.numel() * s.element_size() + t.numel() * t.element_size()
     assert extra <= 0.5 * feature_bytes, (extra, feature_bytes)
+
+
+@pytest.mark.parametrize("device,backend", [pytest.param("cpu", "reference", id="cpu-reference"), *POOL_BACKENDS])
+def test_nan_in_ignored_pixels_reaches_no_gradient_of_normalised_pooling(device, backend):
+    """Found by the fuzz suite: the reference normalised every pixel before zeroing the ignored
+    ones, so NaN there came back through normalize's backward. Every backend: finite prototypes,
+    a gradient that is 0 at the ignored pixels and finite everywhere."""
+    x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(3))
+    labels = torch.randint(0, 3, (2, 4, 5), generator=torch.Generator().manual_seed(4))
+    labels[0, 1, 2] = labels[1, 3, 0] = 255
+    x[0, :, 1, 2] = float("nan")
+    x[1, :, 3, 0] = float("inf")
+    a = x.to(device).requires_grad_(True)
+    protos, _ = kdops.prototype_pool(a, labels.to(device), 3, 255, per_image=False,
+                                     normalize_features=True, backend=backend)
+    assert torch.isfinite(protos).all()
+    (protos * torch.linspace(-1, 1, protos.numel(), device=device).reshape(protos.shape)).sum().backward()
+    assert torch.isfinite(a.grad).all()
+    assert (a.grad[0, :, 1, 2] == 0).all() and (a.grad[1, :, 3, 0] == 0).all()
