@@ -164,6 +164,21 @@ inline unsigned int grid_for(int64_t items, int64_t per_block) {
   return static_cast<unsigned int>(blocks < 2147483647 ? blocks : 2147483647);
 }
 
+// Pixel-tile kernels: a block per kTile consecutive pixels of one image (n images of l pixels).
+inline unsigned int pixel_tile_blocks(int64_t n, int64_t l) {
+  return grid_for(n * ((l + kTile - 1) / kTile), 1);
+}
+
+// The image of this pixel-tile block and the pixel of this lane (l may be past the image's end).
+struct PixelTileLane {
+  int64_t n, l;
+};
+__device__ __forceinline__ PixelTileLane pixel_tile_lane(int64_t length) {
+  const int64_t tiles = (length + kTile - 1) / kTile;
+  return {static_cast<int64_t>(blockIdx.x) / tiles,
+          (static_cast<int64_t>(blockIdx.x) % tiles) * kTile + (threadIdx.x & 31)};
+}
+
 // Static plus dynamic shared memory above 48 KiB must be requested per kernel (only then: the
 // common launches make no extra runtime call).
 template <typename Kernel>

@@ -139,9 +139,9 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) pixel_inverse_norms_kernel(PixelInverseNormsParams p) {
   using Acc = acc_t<T>;
   __shared__ Acc partial[kWarps][kTile];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t tiles = (p.l + kTile - 1) / kTile;
-  const int64_t n = blockIdx.x / tiles, l = (blockIdx.x % tiles) * kTile + lane;
+  const int warp = threadIdx.x >> 5;
+  const PixelTileLane at = pixel_tile_lane(p.l);
+  const int64_t n = at.n, l = at.l;
   Acc sq = 0;
   if (l < p.l) {
     const T* x = static_cast<const T*>(p.x.data) + n * p.x.strides.n + l * p.x.strides.l;
@@ -161,9 +161,9 @@ template <typename T, bool kNormalize>
 __global__ void __launch_bounds__(kThreads) pool_backward_kernel(PoolBackwardParams p) {
   using Acc = acc_t<T>;
   __shared__ Acc partial[kWarps][kTile];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t tiles = (p.l + kTile - 1) / kTile;
-  const int64_t n = blockIdx.x / tiles, l = (blockIdx.x % tiles) * kTile + lane;
+  const int warp = threadIdx.x >> 5;
+  const PixelTileLane at = pixel_tile_lane(p.l);
+  const int64_t n = at.n, l = at.l;
   const int64_t channels = p.x.c, num_classes = p.labels.num_classes;
   const int cls = l < p.l ? class_at(p.labels, n, l) : -1;
   const int64_t g = p.per_image ? n : 0;
@@ -257,7 +257,7 @@ cudaError_t launch_class_means(const ClassMeansParams& params, cudaStream_t stre
 }
 
 cudaError_t launch_pixel_inverse_norms(const PixelInverseNormsParams& params, cudaStream_t stream) {
-  const unsigned int blocks = grid_for(params.n * ((params.l + kTile - 1) / kTile), 1);
+  const unsigned int blocks = pixel_tile_blocks(params.n, params.l);
   return with_dtype(params.dtype, [&](auto tag) {
     pixel_inverse_norms_kernel<decltype(tag)><<<blocks, kThreads, 0, stream>>>(params);
     return cudaGetLastError();
@@ -265,7 +265,7 @@ cudaError_t launch_pixel_inverse_norms(const PixelInverseNormsParams& params, cu
 }
 
 cudaError_t launch_pool_backward(const PoolBackwardParams& params, cudaStream_t stream) {
-  const unsigned int blocks = grid_for(params.n * ((params.l + kTile - 1) / kTile), 1);
+  const unsigned int blocks = pixel_tile_blocks(params.n, params.l);
   return with_dtype(params.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (params.normalize) {

@@ -44,8 +44,8 @@ __global__ void __launch_bounds__(kThreads) variation_kernel(VariationParams p) 
   using Acc = acc_t<T>;
   __shared__ Acc partial[kWarps][kTile];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t tiles = (p.l + kTile - 1) / kTile;
-  const int64_t n = blockIdx.x / tiles, l = (blockIdx.x % tiles) * kTile + lane;
+  const PixelTileLane at = pixel_tile_lane(p.l);
+  const int64_t n = at.n, l = at.l;
   const bool inside = l < p.l;
   const int cls = inside ? class_at(p.labels, n, l) : -1;
   Acc norm_s, norm_t;
@@ -73,9 +73,9 @@ __global__ void __launch_bounds__(kThreads) variation_kernel(VariationParams p) 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) variation_grad_kernel(VariationGradParams p) {
   using Acc = acc_t<T>;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t tiles = (p.l + kTile - 1) / kTile;
-  const int64_t n = blockIdx.x / tiles, l = (blockIdx.x % tiles) * kTile + lane;
+  const int warp = threadIdx.x >> 5;
+  const PixelTileLane at = pixel_tile_lane(p.l);
+  const int64_t n = at.n, l = at.l;
   if (l >= p.l) return;
   const int cls = class_at(p.labels, n, l);
   T* out = static_cast<T*>(p.grad) + n * p.grad_strides.n + l * p.grad_strides.l;
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) variation_grad_kernel(VariationGradP
 }  // namespace
 
 cudaError_t launch_variation_forward(const VariationParams& params, cudaStream_t stream) {
-  const unsigned int blocks = grid_for(params.n * ((params.l + kTile - 1) / kTile), 1);
+  const unsigned int blocks = pixel_tile_blocks(params.n, params.l);
   return with_dtype(params.dtype, [&](auto tag) {
     variation_kernel<decltype(tag), false><<<blocks, kThreads, 0, stream>>>(params);
     return cudaGetLastError();
@@ -109,7 +109,7 @@ cudaError_t launch_variation_forward(const VariationParams& params, cudaStream_t
 }
 
 cudaError_t launch_variation_backward_stats(const VariationParams& params, cudaStream_t stream) {
-  const unsigned int blocks = grid_for(params.n * ((params.l + kTile - 1) / kTile), 1);
+  const unsigned int blocks = pixel_tile_blocks(params.n, params.l);
   return with_dtype(params.dtype, [&](auto tag) {
     variation_kernel<decltype(tag), true><<<blocks, kThreads, 0, stream>>>(params);
     return cudaGetLastError();
@@ -117,7 +117,7 @@ cudaError_t launch_variation_backward_stats(const VariationParams& params, cudaS
 }
 
 cudaError_t launch_variation_grad(const VariationGradParams& params, cudaStream_t stream) {
-  const unsigned int blocks = grid_for(params.n * ((params.l + kTile - 1) / kTile), 1);
+  const unsigned int blocks = pixel_tile_blocks(params.n, params.l);
   return with_dtype(params.dtype, [&](auto tag) {
     variation_grad_kernel<decltype(tag)><<<blocks, kThreads, 0, stream>>>(params);
     return cudaGetLastError();
