@@ -198,9 +198,9 @@ inline GramDifference gram_difference(const Tensor& student, const Tensor& teach
     // Per image, the Gram of the side with the smaller ‖X‖_F is formed directly and the other
     // is it ± ΔG: no cancellation whether the two are close or far apart (a teacher 1000×
     // smaller than the student lost every digit of G_t = G_s − ΔG). Chosen on the device.
-    const Tensor teacher_smaller =
-        (xt.square().sum({1, 2}, false, at::kDouble) < xs.square().sum({1, 2}, false, at::kDouble))
-            .view({-1, 1, 1});
+    const Tensor teacher_smaller = (at::linalg_vector_norm(xt, 2, {1, 2}, false, at::kDouble) <
+                                    at::linalg_vector_norm(xs, 2, {1, 2}, false, at::kDouble))
+                                       .view({-1, 1, 1});
     const Tensor x_small = at::where(teacher_smaller, xt, xs);
     const Tensor g_small = at::bmm(x_small, transposed(x_small)).to(at::kDouble);
     out.student_gram = at::where(teacher_smaller, g_small + raw_difference, g_small);

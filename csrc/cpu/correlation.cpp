@@ -182,11 +182,12 @@ LossGrams loss_grams(const Tensor& xs, const Tensor& xt) {
     out.other = at::bmm(xt, xt.transpose(1, 2));
     return out;
   }
-  const Tensor squares_s = xs.square().sum({1, 2}, false, at::kDouble);
-  const Tensor squares_t = xt.square().sum({1, 2}, false, at::kDouble);
+  // ‖X‖_F per image, one read each (no squared copy of the features).
+  const Tensor norms_s = at::linalg_vector_norm(xs, 2, {1, 2}, false, at::kDouble);
+  const Tensor norms_t = at::linalg_vector_norm(xt, 2, {1, 2}, false, at::kDouble);
   out.base = at::empty({images, xs.size(1), xs.size(1)}, xs.options());
   for (int64_t n = 0; n < images; ++n) {
-    out.base_is_teacher[n] = squares_t[n].item<double>() < squares_s[n].item<double>();
+    out.base_is_teacher[n] = norms_t[n].item<double>() < norms_s[n].item<double>();
     const Tensor x = out.base_is_teacher[n] ? xt[n] : xs[n];
     Tensor base_n = out.base[n];
     at::mm_out(base_n, x, x.t());

@@ -622,7 +622,8 @@ def _loss_grams(xs: torch.Tensor, xt: torch.Tensor, b: dict[str, int]):
     other = new_buffer((n, c, c), torch.float32, xs.device)
     same = ls == xt.shape[2]
     if same:
-        flags = (xt.float().square().sum((1, 2)) < xs.float().square().sum((1, 2))).to(torch.int32)
+        norms_s, norms_t = (torch.linalg.vector_norm(x, dim=(1, 2), dtype=torch.float32) for x in (xs, xt))
+        flags = (norms_t < norms_s).to(torch.int32)
         base = torch.where(flags.view(-1, 1, 1).bool(), xt, xs)
     else:
         flags = torch.zeros(n, dtype=torch.int32, device=xs.device)
