@@ -41,6 +41,17 @@ TORCH_LIBRARY(kdops, m) {
       "pixel_kl_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? target, "
       "Tensor num_valid, int ignore_index, float tau, bool student_requires_grad, "
       "bool teacher_requires_grad) -> (Tensor grad_student, Tensor grad_teacher)");
+  // resized_pixel_kl: pixel_kl of both logits (N, C, h, w) resized bilinearly to size = (H, W)
+  // (F.interpolate's source positions for align_corners; a corner of weight 0 is not read), the
+  // resized logits never stored; target (N, H, W). Outputs as pixel_kl's.
+  m.def(
+      "resized_pixel_kl(Tensor student, Tensor teacher, Tensor? target, int ignore_index, "
+      "float tau, int[2] size, bool align_corners) -> (Tensor loss, Tensor num_valid)");
+  m.def(
+      "resized_pixel_kl_backward(Tensor grad_loss, Tensor student, Tensor teacher, "
+      "Tensor? target, Tensor num_valid, int ignore_index, float tau, int[2] size, "
+      "bool align_corners, bool student_requires_grad, bool teacher_requires_grad) "
+      "-> (Tensor grad_student, Tensor grad_teacher)");
 
   // Attention maps (kdops/ops/attention.py). x: (N, C, *spatial). The feature-sized steps only;
   // resize, spatial normalisation and the squared difference act on the maps in Python.

@@ -17,6 +17,17 @@ def _check_pair(student, teacher) -> None:
     _checks.same_dtype_and_device("student", student, "teacher", teacher)
 
 
+def _resize_size(size, student: torch.Tensor) -> tuple[int, int] | None:
+    """``size`` as (H, W), or None when it asks for no resize (None, or the logits' own size:
+    bilinear resizing to the same size is the identity for either align_corners)."""
+    size = _checks.size2d("size", size)
+    if size is None:
+        return None
+    if student.dim() != 4:
+        raise ValueError(f"student must have shape (N, C, h, w) to be resized to size, got {tuple(student.shape)}")
+    return None if size == tuple(student.shape[2:]) else size
+
+
 def channel_kl(
     student: torch.Tensor, teacher: torch.Tensor, tau: float = 1.0, *, backend: str | None = None
 ) -> torch.Tensor:
@@ -38,6 +49,8 @@ def pixel_kl(
     target: torch.Tensor | None = None,
     ignore_index: int = 255,
     *,
+    size: tuple[int, int] | None = None,
+    align_corners: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Pixel-wise KD: τ² · mean over valid pixels of KL(softmax_C(t/τ) ‖ softmax_C(s/τ)).
@@ -46,18 +59,27 @@ def pixel_kl(
     equal to ``ignore_index`` excluded (all pixels when None), every other label in [0, C).
     tau in [1e-6, 1e6]. Returns a float32 scalar; 0 (with zero gradients) when no pixel is
     valid, whatever the ignored pixels hold. Equals CIRKD ``CriterionKD(temperature=tau)``.
+
+    ``size`` = (H, W): the KL is taken between (N, C, h, w) logits resized bilinearly to
+    (H, W) (as ``F.interpolate(x, size, mode="bilinear", align_corners=align_corners)``; APD's
+    logit KD at label resolution), with target (N, H, W) — without storing the resized logits:
+    the kernels interpolate on the fly and transpose the interpolation in backward.
     """
     _check_pair(student, teacher)
     tau = _checks.temperature("tau", tau)
     ignore_index = _checks.integer("ignore_index", ignore_index)
+    size = _resize_size(size, student)
+    if not isinstance(align_corners, bool):
+        raise TypeError(f"align_corners must be a bool, got {align_corners!r}")
     if target is not None:
         if isinstance(target, torch.Tensor):
             _checks.same_device("student", student, "target", target)
         ignore_index = _checks.labels(
             "target", target, batch=student.shape[0], num_classes=student.shape[1],
-            ignore_index=ignore_index, spatial=student.shape[2:],
+            ignore_index=ignore_index, spatial=student.shape[2:] if size is None else size,
         )
-    return _backend.dispatch("pixel_kl", backend, student)(student, teacher, tau, target, ignore_index)
+    return _backend.dispatch("pixel_kl", backend, student)(
+        student, teacher, tau, target, ignore_index, size, align_corners)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,8 +105,14 @@ def _pixel_kl_extension(
     tau: float,
     target: torch.Tensor | None,
     ignore_index: int,
+    size: tuple[int, int] | None = None,
+    align_corners: bool = False,
 ) -> torch.Tensor:
-    loss, _ = torch.ops.kdops.pixel_kl(student, teacher, target, ignore_index, tau)
+    if size is None:
+        loss, _ = torch.ops.kdops.pixel_kl(student, teacher, target, ignore_index, tau)
+    else:
+        loss, _ = torch.ops.kdops.resized_pixel_kl(
+            student, teacher, target, ignore_index, tau, list(size), align_corners)
     return loss
 
 
@@ -127,6 +155,17 @@ def _pixel_kl_backward_fake(
     return _fake_grads(student, teacher, student_requires_grad, teacher_requires_grad)
 
 
+def _resized_pixel_kl_fake(student, teacher, target, ignore_index, tau, size, align_corners):
+    return _pixel_kl_fake(student, teacher, target, ignore_index, tau)
+
+
+def _resized_pixel_kl_backward_fake(
+    grad_loss, student, teacher, target, num_valid, ignore_index, tau, size, align_corners,
+    student_requires_grad, teacher_requires_grad,
+):
+    return _fake_grads(student, teacher, student_requires_grad, teacher_requires_grad)
+
+
 def _channel_kl_setup_context(ctx, inputs, output):
     student, teacher, tau = inputs
     _, row_stats = output
@@ -142,6 +181,42 @@ def _pixel_kl_setup_context(ctx, inputs, output):
     ctx.save_for_backward(student, teacher, target, num_valid)
     ctx.ignore_index = ignore_index
     ctx.tau = tau
+
+
+def _resized_pixel_kl_setup_context(ctx, inputs, output):
+    student, teacher, target, ignore_index, tau, size, align_corners = inputs
+    _, num_valid = output
+    ctx.mark_non_differentiable(num_valid)
+    ctx.save_for_backward(student, teacher, target, num_valid)
+    ctx.ignore_index = ignore_index
+    ctx.tau = tau
+    ctx.size = size
+    ctx.align_corners = align_corners
+
+
+def register_resized_pixel_kl_ops(namespace: str) -> None:
+    """Fake kernels and autograd for ``<namespace>::resized_pixel_kl{, _backward}`` (the C++
+    extension's ``kdops`` and the Triton kernels' ``kdops_triton``, same schemas)."""
+    ops = getattr(torch.ops, namespace)
+
+    def backward(ctx, grad_loss, _grad_num_valid):
+        student, teacher, target, num_valid = ctx.saved_tensors
+        needs_student, needs_teacher = ctx.needs_input_grad[:2]
+        grad_student, grad_teacher = ops.resized_pixel_kl_backward(
+            grad_loss, student, teacher, target, num_valid, ctx.ignore_index, ctx.tau, ctx.size,
+            ctx.align_corners, needs_student, needs_teacher,
+        )
+        return (
+            grad_student if needs_student else None,
+            grad_teacher if needs_teacher else None,
+            None, None, None, None, None,
+        )
+
+    torch.library.register_fake(f"{namespace}::resized_pixel_kl", _resized_pixel_kl_fake)
+    torch.library.register_fake(f"{namespace}::resized_pixel_kl_backward", _resized_pixel_kl_backward_fake)
+    torch.library.register_autograd(
+        f"{namespace}::resized_pixel_kl", backward, setup_context=_resized_pixel_kl_setup_context
+    )
 
 
 def register_softmax_kl_ops(namespace: str) -> None:
@@ -187,3 +262,4 @@ def register_softmax_kl_ops(namespace: str) -> None:
 
 if _extension.loaded():
     register_softmax_kl_ops("kdops")
+    register_resized_pixel_kl_ops("kdops")

@@ -50,12 +50,52 @@ def channel_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float = 1.0) -
     return _kl_terms(log_p, log_q).sum() * (tau * tau / (n * c))
 
 
+def bilinear_source(in_size: int, out_size: int, align_corners: bool, dtype: torch.dtype,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each of ``out_size`` positions reads along one axis of ``in_size``, as
+    ``F.interpolate(mode="bilinear")`` computes it (arithmetic in ``dtype``).
+
+    src = i·(in − 1)/(out − 1) (align_corners; 0 when out = 1), else max((i + ½)·in/out − ½, 0);
+    i0 = ⌊src⌋, i1 = min(i0 + 1, in − 1), λ = src − i0. Returns (i0, i1, λ): x_r = (1 − λ)·x[i0]
+    + λ·x[i1].
+    """
+    i = torch.arange(out_size, dtype=dtype, device=device)
+    if align_corners:
+        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+        src = i * torch.tensor(scale, dtype=dtype, device=device)
+    else:
+        scale = torch.tensor(in_size, dtype=dtype) / out_size
+        src = ((i + 0.5) * scale.to(device) - 0.5).clamp(min=0)
+    i0 = src.to(torch.int64).clamp(max=in_size - 1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    return i0, i1, src - i0.to(dtype)
+
+
+def _lerp(x0: torch.Tensor, x1: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(1 − λ)·x0 + λ·x1, with x1 not read where λ = 0 (a −inf there stays out of the sum)."""
+    zero = torch.zeros((), dtype=x0.dtype, device=x0.device)
+    return (1 - weight) * x0 + torch.where(weight > 0, weight * x1, zero)
+
+
+def bilinear_resize(x: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
+    """(N, C, h, w) → (N, C, H, W): ``F.interpolate(x, size, mode="bilinear", align_corners=...)``
+    written out (rows first, then columns), except that a corner of weight 0 is not read, so a
+    logit of −inf (probability 0) reaches only the pixels that interpolate it."""
+    (h, w), (out_h, out_w) = x.shape[-2:], tuple(size)
+    y0, y1, wy = bilinear_source(h, out_h, align_corners, x.dtype, x.device)
+    x0, x1, wx = bilinear_source(w, out_w, align_corners, x.dtype, x.device)
+    rows = _lerp(x[:, :, y0, :], x[:, :, y1, :], wy[:, None])
+    return _lerp(rows[:, :, :, x0], rows[:, :, :, x1], wx)
+
+
 def pixel_kl(
     student: torch.Tensor,
     teacher: torch.Tensor,
     tau: float = 1.0,
     target: torch.Tensor | None = None,
     ignore_index: int = 255,
+    size: tuple[int, int] | None = None,
+    align_corners: bool = False,
 ) -> torch.Tensor:
     """Pixel-wise distillation loss.
 
@@ -63,9 +103,15 @@ def pixel_kl(
     For each pixel: p = softmax_C(t / τ), q = softmax_C(s / τ); returns τ² · the mean of
     KL(p‖q) over valid pixels (target ≠ ignore_index; all pixels when target is None).
     No valid pixel gives 0.
+
+    With ``size`` = (H, W), (N, C, h, w) logits are first resized bilinearly to (H, W)
+    (:func:`bilinear_resize`; APD and CIRKD-style KD at label resolution) and target is (N, H, W).
     """
     acc = accumulation_dtype(student)
     student, teacher = student.to(acc), teacher.to(acc)
+    if size is not None:
+        student = bilinear_resize(student, size, align_corners)
+        teacher = bilinear_resize(teacher, size, align_corners)
     if target is not None:
         valid = (target != ignore_index).unsqueeze(1)
         zero = torch.zeros((), dtype=acc, device=student.device)
