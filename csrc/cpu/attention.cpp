@@ -22,7 +22,7 @@
 // 16-bit inputs are converted one image at a time, so no float32 copy of the batch is made.
 
 // at::vec compiles its SIMD specialisations only where a CPU_CAPABILITY_* macro is set (see
-// csrc/cpu/softmax_kl.cpp): set it from the compiler's target, with a namespace of its own.
+// csrc/cpu/softmax_kl_common.h): set it from the compiler's target, with a namespace of its own.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define CPU_CAPABILITY_AVX512 1
 #define CPU_CAPABILITY kdops_avx512
