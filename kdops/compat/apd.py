@@ -36,9 +36,9 @@ def CriterionKD(pred, soft, new_size, raw_soft=None, raw_pred=None, target=None,
     """
     if args is None:
         raise ValueError("args must be given: CriterionKD reads args.temperature")
-    if new_size:
-        pred, soft = _resize(pred, new_size), _resize(soft, new_size)
-    loss = kdops.pixel_kl(pred, like(soft, pred), args.temperature, backend=backend)
+    size = (new_size[0], new_size[1]) if new_size else None
+    loss = kdops.pixel_kl(pred, like(soft, pred), args.temperature, size=size, align_corners=True,
+                          backend=backend)
     return loss / pred.shape[1]
 
 

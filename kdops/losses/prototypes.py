@@ -87,11 +87,10 @@ class AdaptivePerspectiveDistillation(nn.Module):
         cosines = (F.normalize(student_protos, dim=1) * F.normalize(teacher_protos, dim=1)).sum(1)
         align = (0.5 * (1.0 - cosines) * present).sum() / num_present
 
-        size = labels.shape[-2:]
-        student_logits = F.interpolate(student_logits, size, mode="bilinear", align_corners=True)
-        teacher_logits = F.interpolate(like(teacher_logits, student_logits), size, mode="bilinear",
-                                       align_corners=True)
-        logit_kl = kdops.pixel_kl(student_logits, teacher_logits, self.logit_tau,
+        # The logits resized to the labels inside the op: the two (N, K, H, W) tensors of
+        # F.interpolate (the largest of the recipe) are never stored.
+        logit_kl = kdops.pixel_kl(student_logits, like(teacher_logits, student_logits), self.logit_tau,
+                                  size=tuple(labels.shape[-2:]), align_corners=True,
                                   backend=self.backend) / self.num_classes
         return {
             "observation": self.observation_weight * observation,
