@@ -32,24 +32,20 @@ using at::Tensor;
 constexpr int64_t kBlockRows = 4;  // input rows per backward work item
 
 // Where each output position reads along one axis (kdops/reference/softmax_kl.py
-// bilinear_source), in the arithmetic of acc.
+// bilinear_source): src = a/b exactly in integers, i0 = a div b, λ = (a mod b)/b.
 template <typename acc>
 struct AxisTaps {
   std::vector<int64_t> i0, i1;
   std::vector<acc> weight;  // λ: the weight of i1; i0 has 1 − λ
 
   AxisTaps(int64_t in, int64_t out, bool align_corners) : i0(out), i1(out), weight(out) {
-    const acc scale = align_corners ? (out > 1 ? static_cast<acc>(in - 1) / static_cast<acc>(out - 1)
-                                               : acc(0))
-                                    : static_cast<acc>(in) / static_cast<acc>(out);
+    const int64_t denominator = align_corners ? std::max<int64_t>(out - 1, 1) : 2 * out;
     for (int64_t i = 0; i < out; ++i) {
-      acc src = align_corners ? static_cast<acc>(i) * scale
-                              : (static_cast<acc>(i) + acc(0.5)) * scale - acc(0.5);
-      if (src < acc(0)) src = acc(0);
-      const int64_t lo = std::min<int64_t>(static_cast<int64_t>(src), in - 1);
-      i0[i] = lo;
-      i1[i] = std::min<int64_t>(lo + 1, in - 1);
-      weight[i] = src - static_cast<acc>(lo);
+      const int64_t numerator = align_corners ? i * (in - 1)
+                                              : std::max<int64_t>((2 * i + 1) * in - out, 0);
+      i0[i] = numerator / denominator;
+      i1[i] = std::min<int64_t>(i0[i] + 1, in - 1);
+      weight[i] = static_cast<acc>(numerator % denominator) / static_cast<acc>(denominator);
     }
   }
 };

@@ -52,23 +52,24 @@ def channel_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float = 1.0) -
 
 def bilinear_source(in_size: int, out_size: int, align_corners: bool, dtype: torch.dtype,
                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Where each of ``out_size`` positions reads along one axis of ``in_size``, as
-    ``F.interpolate(mode="bilinear")`` computes it (arithmetic in ``dtype``).
+    """Where each of ``out_size`` positions reads along one axis of ``in_size``: the source
+    positions of ``F.interpolate(mode="bilinear")``, src = i·(in − 1)/(out − 1) (align_corners;
+    0 when out = 1), else max((i + ½)·in/out − ½, 0), as the exact fraction src = a/b of
+    integers: i0 = a div b, λ = (a mod b)/b (one rounding), i1 = min(i0 + 1, in − 1). Returns
+    (i0, i1, λ): x_r = (1 − λ)·x[i0] + λ·x[i1].
 
-    src = i·(in − 1)/(out − 1) (align_corners; 0 when out = 1), else max((i + ½)·in/out − ½, 0);
-    i0 = ⌊src⌋, i1 = min(i0 + 1, in − 1), λ = src − i0. Returns (i0, i1, λ): x_r = (1 − λ)·x[i0]
-    + λ·x[i1].
+    Integer arithmetic makes λ exactly 0 wherever the position hits an input sample, in every
+    precision and backend alike (F.interpolate's float32 src can leave a λ of 1e-7 there, which
+    would read the neighbour); elsewhere λ differs from F.interpolate's by float32 round-off.
     """
-    i = torch.arange(out_size, dtype=dtype, device=device)
+    i = torch.arange(out_size, dtype=torch.int64, device=device)
     if align_corners:
-        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-        src = i * torch.tensor(scale, dtype=dtype, device=device)
+        numerator, denominator = i * (in_size - 1), max(out_size - 1, 1)
     else:
-        scale = torch.tensor(in_size, dtype=dtype) / out_size
-        src = ((i + 0.5) * scale.to(device) - 0.5).clamp(min=0)
-    i0 = src.to(torch.int64).clamp(max=in_size - 1)
+        numerator, denominator = ((2 * i + 1) * in_size - out_size).clamp(min=0), 2 * out_size
+    i0 = numerator // denominator
     i1 = (i0 + 1).clamp(max=in_size - 1)
-    return i0, i1, src - i0.to(dtype)
+    return i0, i1, (numerator % denominator).to(dtype) / denominator
 
 
 def _lerp(x0: torch.Tensor, x1: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

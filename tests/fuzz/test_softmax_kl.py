@@ -17,6 +17,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import kdops
+from kdops.reference import softmax_kl as ref_softmax_kl
 from tests.fuzz import _strategies as fz
 
 TAUS = st.one_of(
@@ -25,12 +26,18 @@ TAUS = st.one_of(
 )
 
 
-def oracle_rows(s: torch.Tensor, t: torch.Tensor, tau: float):
+def oracle_rows(s: torch.Tensor, t: torch.Tensor, tau: float, input_errors=None):
     """Softmax KL of rows, exactly (float64), from the formulas of DESIGN.md.
 
     s, t: (R, L) float64 rows (a softmax runs along L). Returns per-row KL, ∂(Σ_r KL_r)/∂s and
     /∂t (R, L), and the condition terms of the tolerance rule: per-row κ of the KL and per-
     element κ of each gradient (what float32 round-off in the shift-safe algorithm can move).
+    input_errors: None, or bounds (e_s, e_t), (R, L) each, in units of u and of the logits, on
+    how far the kernels' own values of s and t may be off (resized logits: the interpolation's
+    round-off); propagated to first order through the exact derivatives: the KL moves by
+    Σ|∂KL/∂s|e_s + |∂KL/∂t|e_t, q and p by q(e_s + Σq·e_s)/τ and p(e_t + Σp·e_t)/τ, the gradients
+    by what those moves make of them (the teacher's through |log p − log q − KL|, which can be
+    ~1/τ large at a near tie).
     """
     ds = (s - s.amax(dim=1, keepdim=True)) / tau
     dt = (t - t.amax(dim=1, keepdim=True)) / tau
@@ -51,6 +58,16 @@ def oracle_rows(s: torch.Tensor, t: torch.Tensor, tau: float):
     kl_condition = mean_kappa.squeeze(1) + math.sqrt(length) * terms.abs().sum(dim=1)
     grad_s_condition = (q + p) * kappa / tau
     grad_t_condition = p * (kappa + (difference - kl[:, None]).abs() + mean_kappa) / tau
+    if input_errors is not None:
+        e_s, e_t = input_errors
+        moved_kl = (grad_s.abs() * e_s + grad_t.abs() * e_t).sum(dim=1, keepdim=True)
+        kl_condition = kl_condition + moved_kl.squeeze(1)
+        moved_q = q * (e_s + (q * e_s).sum(dim=1, keepdim=True)) / tau
+        moved_p = p * (e_t + (p * e_t).sum(dim=1, keepdim=True)) / tau
+        grad_s_condition = grad_s_condition + (moved_q + moved_p) / tau
+        moved_difference = (moved_q / q.clamp(min=1e-300) + moved_p / p.clamp(min=1e-300))
+        grad_t_condition = grad_t_condition + (
+            moved_p * (difference - kl[:, None]).abs() + p * (moved_difference + moved_kl)) / tau
     return kl, grad_s, grad_t, kl_condition, grad_s_condition, grad_t_condition
 
 
@@ -66,11 +83,12 @@ def channel_kl_oracle(s, t, tau):
     return loss, shaped(gs), shaped(gt), loss_condition, shaped(gsc), shaped(gtc)
 
 
-def pixel_kl_oracle(s, t, tau, target, ignore_index):
+def pixel_kl_oracle(s, t, tau, target, ignore_index, input_errors=None):
     """(loss, grad_s, grad_t, loss κ, grad_s κ, grad_t κ) of pixel_kl, float64.
 
     Ignored pixels take no part: their rows are dropped before any arithmetic, so whatever they
-    hold (NaN included), their gradients are exactly 0.
+    hold (NaN included), their gradients are exactly 0. input_errors: as for oracle_rows, each
+    shaped like s.
     """
     n, c = s.shape[:2]
     pixels = lambda x: x.double().reshape(n, c, -1).transpose(1, 2).reshape(-1, c)  # noqa: E731
@@ -80,7 +98,8 @@ def pixel_kl_oracle(s, t, tau, target, ignore_index):
     zeros = torch.zeros(s.shape, dtype=torch.float64)
     if count == 0:
         return torch.zeros((), dtype=torch.float64), zeros, zeros.clone(), 0.0, zeros.clone(), zeros.clone()
-    kl, gs, gt, kc, gsc, gtc = oracle_rows(pixels(s)[valid], pixels(t)[valid], tau)
+    errors = None if input_errors is None else tuple(pixels(e)[valid] for e in input_errors)
+    kl, gs, gt, kc, gsc, gtc = oracle_rows(pixels(s)[valid], pixels(t)[valid], tau, errors)
     scale = tau * tau / count
     loss = kl.sum() * scale
     loss_condition = (kc.sum() + math.sqrt(count) * kl.abs().sum()) * scale
@@ -91,6 +110,27 @@ def pixel_kl_oracle(s, t, tau, target, ignore_index):
         return full.reshape(n, -1, c).transpose(1, 2).reshape(s.shape)
 
     return loss, shaped(gs), shaped(gt), loss_condition, shaped(gsc), shaped(gtc)
+
+
+def resized_pixel_kl_oracle(s, t, tau, target, ignore_index, size, align_corners):
+    """pixel_kl of the logits resized to ``size`` (float64, the reference's bilinear_resize),
+    with the gradients taken back through the resize (its transpose, R ≥ 0 elementwise).
+
+    Condition: each resized logit is a two-step lerp of ≤ 4 values whose weights carry one
+    rounding each (λ = (a mod b)/b): off by ≤ 12·u·R|x|. The transposed
+    resize sums ≤ (2⌈H/h⌉ + 2)(2⌈W/w⌉ + 2) terms per input element: its round-off is that many u
+    of Rᵀ|g|.
+    """
+    s, t = s.double(), t.double()
+    resize = lambda x: ref_softmax_kl.bilinear_resize(x, size, align_corners)  # noqa: E731
+    finite_abs = lambda x: torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x))  # noqa: E731
+    errors = (12 * resize(finite_abs(s)), 12 * resize(finite_abs(t)))
+    loss, gs, gt, loss_k, gs_k, gt_k = pixel_kl_oracle(resize(s), resize(t), tau, target, ignore_index, errors)
+    terms = math.prod(2 * math.ceil(out / inp) + 2 for out, inp in zip(size, s.shape[2:]))
+    _, transpose = torch.func.vjp(resize, torch.zeros_like(s))
+    back = lambda g: transpose(g)[0]  # noqa: E731
+    return (loss, back(gs), back(gt), loss_k,
+            back(gs_k) + terms * back(gs.abs()), back(gt_k) + terms * back(gt.abs()))
 
 
 @st.composite
@@ -217,6 +257,59 @@ def test_pixel_kl(device, backend):
             for name, grad in zip(("student", "teacher"), grads):
                 if grad is not None:
                     assert (grad[ignored] == 0).all(), f"gradient of the {name} at ignored pixels is not 0"
+        again, *grads_again = run(fn, s, t, teacher_grad, grad_out)
+        fz.assert_bitwise_equal("loss", loss, again)
+        for a, b in zip(grads, grads_again):
+            if a is not None:
+                fz.assert_bitwise_equal("gradient", a, b)
+
+    check()
+
+
+@pytest.mark.parametrize("device,backend", fz.backends("pixel_kl"))
+def test_resized_pixel_kl(device, backend):
+    """pixel_kl(size=...): the logits resized bilinearly (up, down, odd factors, to and from one
+    pixel, either align_corners) inside the op."""
+    @fz.examples(backend)
+    @given(data=st.data())
+    def check(data):
+        dtype, shape, s, t = data.draw(logit_pair(backend, softmax_dim=1))
+        cap = 600 if backend == "triton" else 8000
+        out_h = data.draw(st.integers(1, max(1, min(4 * shape[2] + 3, cap // (shape[0] * shape[1])))))
+        out_w = data.draw(st.integers(1, max(1, min(4 * shape[3] + 3, cap // (shape[0] * shape[1] * out_h)))))
+        size, align_corners = (out_h, out_w), data.draw(st.booleans())
+        assume(size != tuple(shape[2:]))
+        target, ignore_index = None, 255
+        if data.draw(st.booleans()):
+            target, ignore_index = data.draw(fz.label_maps((shape[0], *size), shape[1]))
+        resize = lambda x: ref_softmax_kl.bilinear_resize(x, size, align_corners)  # noqa: E731
+        layout_s, layout_t = data.draw(layouts()), data.draw(layouts())
+        if target is not None and data.draw(st.booleans()):
+            # NaN and inf in input pixels that only ignored output pixels read must reach
+            # nothing (not drawn with expanded layouts, which would copy them elsewhere).
+            assume("expanded" not in (layout_s[0], layout_t[0]))
+            valid = (target != ignore_index).double().unsqueeze(1).expand(shape[0], shape[1], *size)
+            _, transpose = torch.func.vjp(resize, torch.zeros(shape, dtype=torch.float64))
+            unread = (transpose(valid)[0] == 0)
+            s = s.masked_fill(unread, math.nan)
+            t = t.masked_fill(unread, math.inf)
+        s, t = laid_out(s, layout_s), laid_out(t, layout_t)
+        resized_t = resize(t.double())
+        if target is not None:
+            resized_t = resized_t.masked_fill((target == ignore_index).unsqueeze(1), 0)
+        assume(rows_have_finite_teacher(resized_t, softmax_dim=1))
+        tau = data.draw(TAUS)
+        teacher_grad = data.draw(st.booleans())
+        grad_out = data.draw(st.sampled_from([1.0, 0.37, -2.5]))
+        s, t, target = _device_inputs(device, s, t, target)
+        before = fz.snapshot(s, t, target)
+        fn = lambda a, b: kdops.pixel_kl(a, b, tau, target, ignore_index, size=size,  # noqa: E731
+                                         align_corners=align_corners, backend=backend)
+        loss, *grads = run(fn, s, t, teacher_grad, grad_out)
+        fz.assert_unchanged(("student", "teacher", "target"), (s, t, target), before)
+        oracle = resized_pixel_kl_oracle(s.cpu(), t.cpu(), tau, None if target is None else target.cpu(),
+                                         ignore_index, size, align_corners)
+        check_against_oracle(dtype, loss, grads, oracle, grad_out)
         again, *grads_again = run(fn, s, t, teacher_grad, grad_out)
         fz.assert_bitwise_equal("loss", loss, again)
         for a, b in zip(grads, grads_again):
