@@ -355,8 +355,12 @@ def _resized_pixel_kl_backward_kernel(
 # launchers
 # ---------------------------------------------------------------------------------------------
 
-_TILE = 1024                 # interpolated elements of s (and of t) a program holds per step
-_MAX_BLOCK_C = 256           # more channels than this are taken in chunks
+# Interpolated elements of s (and of t) a program holds per step, and the most channels of one
+# chunk. Each element costs ~40 registers (four corners of s and of t, their 64-bit addresses):
+# at 2 elements per thread (512 over 8 warps) ptxas stays ≤ 128 registers for sm_90.
+_TILE = 512
+_MAX_BLOCK_C = 128
+_MIN_BLOCK_PIXELS = 4        # pixels (forward) or output columns (backward) per step, at least
 _MAX_BLOCK_J = 8             # input columns a backward program owns, at most
 _READ_MARGIN = 3             # output columns _reading_outputs adds to a block's exact span
 
@@ -415,7 +419,8 @@ def _forward(
     rows, cols = _axis(in_h, out_h, align_corners), _axis(in_w, out_w, align_corners)
     block_c = _block_c(c)
     block_p = _LAUNCH_OVERRIDES.get(
-        "block_p", min(max(_TILE // block_c, 8), triton.next_power_of_2(out_h * out_w))
+        "block_p",
+        min(max(_TILE // block_c, _MIN_BLOCK_PIXELS), triton.next_power_of_2(out_h * out_w)),
     )
     num_p_tiles = triton.cdiv(out_h * out_w, block_p)
     grid = (n * num_p_tiles,)
@@ -427,7 +432,7 @@ def _forward(
             c, in_h, in_w, out_h, out_w, num_p_tiles, *student.stride(), *teacher.stride(),
             *_target_args(target)[1:], ignore_index, LOG2E / tau, rows.scale, cols.scale,
             ALIGN_CORNERS=align_corners, HAS_TARGET=target is not None,
-            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4 if block_p * block_c <= 512 else 8,
+            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4 if block_p * block_c < _TILE else 8,
             enable_fp_fusion=False,
         )
     # Fixed-order reductions of the per-program partials: deterministic, unlike atomics.
@@ -442,7 +447,8 @@ def _backward_blocks(c: int, cols: _Axis) -> tuple[int, int, int]:
     (≈ (block_j + 1)·outputs-per-input + the margin) within one step of block_x."""
     block_c = _block_c(c)
     block_x = _LAUNCH_OVERRIDES.get(
-        "block_x", min(max(_TILE // block_c, 8), triton.next_power_of_2(cols.out_size + 2))
+        "block_x",
+        min(max(_TILE // block_c, _MIN_BLOCK_PIXELS), triton.next_power_of_2(cols.out_size + 2)),
     )
     fitting = math.floor((block_x - 2 * _READ_MARGIN) / cols.outputs_per_input) - 1
     block_j = _LAUNCH_OVERRIDES.get("block_j", max(1, min(fitting, _MAX_BLOCK_J, cols.in_size)))
@@ -482,7 +488,7 @@ def _backward(
             STUDENT_GRAD=student_requires_grad, TEACHER_GRAD=teacher_requires_grad,
             BLOCK_X=block_x, BLOCK_C=block_c, NUM_C_CHUNKS=num_c_chunks, BLOCK_J=block_j,
             BLOCK_J_LANES=triton.next_power_of_2(block_j),
-            num_warps=4 if block_x * block_c <= 512 else 8, enable_fp_fusion=False,
+            num_warps=4 if block_x * block_c < _TILE else 8, enable_fp_fusion=False,
         )
     return grad_student, grad_teacher
 
