@@ -113,7 +113,7 @@ def _resized_logits(ptr, row0, row1, col0, col1, weight_y, weight_x, channel_off
     input columns x0 and x1), then columns, as the reference. row*/col* are element offsets
     (image included), weights λy, λx; all broadcastable to the tile. Corners of weight 0 are not
     loaded."""
-    # Weights broadcast to the tile before they are compared (the interpreter of triton 3.9 mis-types
+    # Weights broadcast to the tile before they are compared (triton 3.9's interpreter mis-types
     # a 1-element boolean broadcast into a tile).
     read_y1 = tl.where(mask, weight_y, 0.0) > 0
     read_x1 = tl.where(mask, weight_x, 0.0) > 0
