@@ -207,6 +207,17 @@ def _pixel_chunk_stats(s, t, channel_mask, c):
 
 
 @triton.jit
+def _merged(m_s, sum_s, m_t, sum_t, cross, cm_s, csum_s, cm_t, csum_t, ccross, c):
+    """Two sets of statistics of the same rows (running, and a new chunk's) merged: both moved
+    to the larger maxima, then summed."""
+    new_m_s = tl.maximum(m_s, cm_s)
+    new_m_t = tl.maximum(m_t, cm_t)
+    sum_s, sum_t, cross = _rebased(m_s, sum_s, m_t, sum_t, cross, new_m_s, new_m_t, c)
+    csum_s, csum_t, ccross = _rebased(cm_s, csum_s, cm_t, csum_t, ccross, new_m_s, new_m_t, c)
+    return new_m_s, sum_s + csum_s, new_m_t, sum_t + csum_t, cross + ccross
+
+
+@triton.jit
 def _pixel_stats(
     s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, C, pixel_mask, c,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -222,14 +233,9 @@ def _pixel_stats(
             s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, c0, C, pixel_mask, BLOCK_C,
         )
         cm_s, csum_s, cm_t, csum_t, ccross = _pixel_chunk_stats(s, t, channel_mask, c)
-        new_m_s = tl.maximum(m_s, cm_s)
-        new_m_t = tl.maximum(m_t, cm_t)
-        sum_s, sum_t, cross = _rebased(m_s, sum_s, m_t, sum_t, cross, new_m_s, new_m_t, c)
-        csum_s, csum_t, ccross = _rebased(cm_s, csum_s, cm_t, csum_t, ccross, new_m_s, new_m_t, c)
-        m_s, m_t = new_m_s, new_m_t
-        sum_s += csum_s
-        sum_t += csum_t
-        cross += ccross
+        m_s, sum_s, m_t, sum_t, cross = _merged(
+            m_s, sum_s, m_t, sum_t, cross, cm_s, csum_s, cm_t, csum_t, ccross, c
+        )
     return m_s, sum_s, m_t, sum_t, cross
 
 

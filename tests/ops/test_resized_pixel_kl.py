@@ -17,9 +17,7 @@ from kdops.reference import softmax_kl as ref
 from tests.ops.test_softmax_kl import assert_grad_close, make_pair
 from tests.utils import LAYOUTS, TOLERANCES, backend_params, relative_error
 
-# Triton's resized kernels land in kdops/triton/resized_pixel_kl.py (in progress): until then
-# only the C++ backends run these tests.
-BACKENDS = [p for p in backend_params("pixel_kl") if not p.id.endswith("triton")]
+BACKENDS = backend_params("pixel_kl")
 CPU_ONLY = [p for p in BACKENDS if p.id == "cpu-cpu"]
 
 # (logits shape, output size): up by 8 as APD does, up by odd factors, down, to one pixel,
