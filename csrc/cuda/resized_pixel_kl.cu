@@ -1,0 +1,211 @@
+// CUDA kernels of resized_pixel_kl: pixel_kl of (N, C, h, w) logits resized bilinearly to (H, W)
+// (kdops/reference/softmax_kl.py), forward and backward, the resized logits never stored.
+// Torch-free: compiles with nvcc alone (tests/test_cuda_sources.py); softmax_kl_api.cpp fills the
+// params. What each thread computes is in resized_pixel_kl_threads.h (host and device code: a
+// host build runs it in tests/ops/test_resized_pixel_kl_threads.py); this file holds the grids,
+// the fixed-order reductions and the launchers. Inputs float32/float16/bfloat16, float32 in
+// registers; any strides.
+//
+// Forward: a thread per output pixel (n, y, x), pixels numbered (n·H + y)·W + x so that a warp
+// takes 32 neighbours of one output row: they share their ≤ 2 source rows and, at the usual 8×
+// upsampling, 4–5 source columns, so the C·8 reads of a pixel (4 corners, both inputs) are
+// served by a few cache lines per warp (NCHW: one line per corner row and channel). The thread
+// interpolates each channel's logit from its corners (anchored: see the threads header) and
+// streams the C pairs through the one-pass KL state. Per-thread sums of KL (float64) and counts
+// go through a fixed shuffle/shared-memory tree into one partial per block; one block sums the
+// partials in block order.
+//
+// Backward, deterministic without atomics, in two kernels:
+//  1. a thread per output pixel recomputes its state and stores its statistics
+//     [max_s, log z_s, max_t, log z_t, KL] (N·H·W·5 floats of scratch: O(output pixels), the
+//     C-fold larger resized logits are never stored);
+//  2. a thread per (n, chunk of 4 channels, input row r, input column j) gathers: it walks the
+//     output pixels that read (r, j) — rows bilinear_readers(r) × columns bilinear_readers(j),
+//     about (2f)² of them at an f× upsampling — in order, re-interpolates their logits at its 4
+//     channels, forms the plain pixel_kl gradients from the saved statistics and sums them with
+//     the interpolation weights; then writes its 4·2 gradient elements once.
+// Why gather per input pixel: a scatter from the output pixels (a thread per output pixel adding
+// into its 4 corners) needs float atomics (nondeterministic) or per-output partial gradients
+// (O(pixels·C) scratch, the tensor this op exists to avoid). The gather reads each output pixel's
+// logits from the 4 input pixels that it reads from, i.e. 4× the forward's interpolation work,
+// all of it from L1/L2 (the inputs are f² times smaller than the resized logits: 2.5 MB for
+// (8, 19, 64, 128) bfloat16), and nothing of size pixels·C is written. Chunks of 4 channels give
+// enough items to fill the GPU (N·⌈C/4⌉·h·w: 327K threads for (8, 19, 64·128)) while each item
+// still shares an output pixel's statistics, taps and corner offsets over 4 channels; within a
+// warp the 32 threads are neighbouring input columns of one row, so their gradient stores are
+// coalesced in NCHW and their output pixels overlap in cache.
+//
+// Every sum runs in a fixed order (per-thread loops, fixed trees, partials summed by one block):
+// bitwise reproducible results on a given device.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common/softmax_kl.h"
+#include "cuda/resized_pixel_kl.h"
+#include "cuda/resized_pixel_kl_threads.h"
+
+namespace kdops {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBlocksPerSm = 8;         // pixel grids: up to 8 blocks per SM, grid-stride beyond
+constexpr int kGradBlocksPerSm = 32;    // the gather: long items, a grid of (almost) all of them
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// The block's sum, in thread 0, by a fixed tree. `shared` holds kWarps values.
+template <typename V>
+__device__ V block_sum(V v, V* shared) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(kFullMask, v, offset);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // a previous call may still be reading `shared`
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? shared[lane] : V(0);
+#pragma unroll
+    for (int offset = kWarps / 2; offset > 0; offset >>= 1) v += __shfl_down_sync(kFullMask, v, offset);
+  }
+  return v;
+}
+
+// Per-block partial sums of the valid pixels' KL and their count (in the forward's workspace).
+struct Partials {
+  double* kl;
+  unsigned long long* valid;
+};
+
+int grid_for(int64_t items, int num_sms, int blocks_per_sm) {
+  const int64_t blocks = (items + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(num_sms) * blocks_per_sm)));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    resized_pixel_kl_forward_kernel(const ResizedPixelKLForwardParams p, const Partials out) {
+  __shared__ double shared_kl[kWarps];
+  __shared__ unsigned long long shared_valid[kWarps];
+  const int64_t pixels = resized::output_pixels(p);
+  double kl = 0.0;
+  unsigned long long valid = 0;
+  for (int64_t pixel = int64_t(blockIdx.x) * kThreads + threadIdx.x; pixel < pixels;
+       pixel += int64_t(gridDim.x) * kThreads) {
+    resized::forward_pixel<T>(p, pixel, kl, valid);
+  }
+  kl = block_sum(kl, shared_kl);
+  valid = block_sum(valid, shared_valid);
+  if (threadIdx.x == 0) {
+    out.kl[blockIdx.x] = kl;
+    out.valid[blockIdx.x] = valid;
+  }
+}
+
+// loss = τ² · Σ KL / max(#valid, 1), from the blocks' partials, in one block, in a fixed order.
+__global__ void __launch_bounds__(kThreads)
+    resized_pixel_kl_loss_kernel(const Partials partials, int blocks, float tau_sq, float* loss,
+                                 int64_t* num_valid) {
+  __shared__ double shared_kl[kWarps];
+  __shared__ unsigned long long shared_valid[kWarps];
+  double kl = 0.0;
+  unsigned long long valid = 0;
+  for (int b = threadIdx.x; b < blocks; b += kThreads) {
+    kl += partials.kl[b];
+    valid += partials.valid[b];
+  }
+  kl = block_sum(kl, shared_kl);
+  valid = block_sum(valid, shared_valid);
+  if (threadIdx.x == 0) {
+    *loss = static_cast<float>(tau_sq * kl / static_cast<double>(valid > 0 ? valid : 1));
+    *num_valid = static_cast<int64_t>(valid);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    resized_pixel_kl_stats_kernel(const ResizedPixelKLBackwardParams p) {
+  const int64_t pixels = resized::output_pixels(p);
+  for (int64_t pixel = int64_t(blockIdx.x) * kThreads + threadIdx.x; pixel < pixels;
+       pixel += int64_t(gridDim.x) * kThreads) {
+    resized::backward_pixel_stats<T>(p, pixel);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    resized_pixel_kl_grads_kernel(const ResizedPixelKLBackwardParams p) {
+  const int64_t num_valid = *p.num_valid;
+  const float scale = p.tau * *p.grad_loss / static_cast<float>(num_valid > 0 ? num_valid : 1);
+  const int64_t items = resized::backward_items(p);
+  for (int64_t item = int64_t(blockIdx.x) * kThreads + threadIdx.x; item < items;
+       item += int64_t(gridDim.x) * kThreads) {
+    resized::backward_input_grads<T>(p, item, scale);
+  }
+}
+
+template <typename F>
+cudaError_t with_dtype(DType dtype, F&& launch) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch(float{});
+    case DType::kFloat16:
+      return launch(__half{});
+    case DType::kBFloat16:
+      return launch(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+int forward_blocks(const ResizedPixelKLForwardParams& p) {
+  return grid_for(resized::output_pixels(p), p.num_sms, kBlocksPerSm);
+}
+
+}  // namespace
+
+size_t resized_pixel_kl_forward_workspace_bytes(const ResizedPixelKLForwardParams& p) {
+  return static_cast<size_t>(forward_blocks(p)) * (sizeof(double) + sizeof(unsigned long long));
+}
+
+size_t resized_pixel_kl_backward_workspace_bytes(const ResizedPixelKLBackwardParams& p) {
+  return static_cast<size_t>(resized::output_pixels(p)) * kKLRowStats * sizeof(float);
+}
+
+cudaError_t launch_resized_pixel_kl_forward(const ResizedPixelKLForwardParams& p,
+                                            cudaStream_t stream) {
+  const int blocks = forward_blocks(p);
+  Partials partials;
+  partials.kl = static_cast<double*>(p.workspace);
+  partials.valid = reinterpret_cast<unsigned long long*>(partials.kl + blocks);
+  const cudaError_t err = with_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    resized_pixel_kl_forward_kernel<T><<<blocks, kThreads, 0, stream>>>(p, partials);
+    return cudaGetLastError();
+  });
+  if (err != cudaSuccess) return err;
+  resized_pixel_kl_loss_kernel<<<1, kThreads, 0, stream>>>(partials, blocks, p.tau_sq, p.loss,
+                                                           p.num_valid);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_resized_pixel_kl_backward(const ResizedPixelKLBackwardParams& p,
+                                             cudaStream_t stream) {
+  if (p.grad_student == nullptr && p.grad_teacher == nullptr) return cudaSuccess;
+  return with_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    resized_pixel_kl_stats_kernel<T>
+        <<<grid_for(resized::output_pixels(p), p.num_sms, kBlocksPerSm), kThreads, 0, stream>>>(p);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    resized_pixel_kl_grads_kernel<T>
+        <<<grid_for(resized::backward_items(p), p.num_sms, kGradBlocksPerSm), kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace kdops

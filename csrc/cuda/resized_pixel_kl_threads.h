@@ -1,0 +1,231 @@
+// What one thread of each resized_pixel_kl kernel computes (csrc/cuda/resized_pixel_kl.cu), as
+// __host__ __device__ code: the kernels call it per work item, and the host build in
+// tests/cuda_host/ runs the very same code on the CPU (float32) over every item, so that the
+// index arithmetic and the transposed interpolation are tested where there is no GPU.
+// Math: csrc/common/softmax_kl.h (the one-pass KL state) and csrc/common/bilinear.h (the resize).
+//
+// Anchored interpolation. Each output pixel's resized logits are interpolated as differences to
+// an anchor, one input logit of that pixel (channel 0 at its corner (y0, x0), a corner it always
+// reads; 0 when that logit is not finite): s' = Σ w·(s − a_s), t' = Σ w·(t − a_t). The softmaxes
+// and the KL depend only on differences of logits within the pixel, so s', t' give the same loss
+// and gradients (∂/∂a = −Σ_c (q − p) = 0: a is a constant for the gradient), while a common
+// offset of the logits (|s| ~ 1e4, where a float32 interpolation of the raw values rounds at
+// ~1e-3) never enters the rounding: the shift-safe rule of softmax_kl.h carried through the
+// resize.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+#include "common/bilinear.h"
+#include "common/softmax_kl.h"
+#include "cuda/resized_pixel_kl.h"
+
+// Loop unrolling on the device (the host build's compiler has no such pragma).
+#if defined(__CUDACC__)
+#define KDOPS_UNROLL _Pragma("unroll")
+#else
+#define KDOPS_UNROLL
+#endif
+
+namespace kdops {
+namespace cuda {
+namespace resized {
+
+// Storage ↔ float32 (host and device: the half types' conversions are __host__ __device__).
+KDOPS_HD float load_float(float x) { return x; }
+KDOPS_HD void store_float(float* p, float v) { *p = v; }
+#if defined(__CUDACC__)
+KDOPS_HD float load_float(__half x) { return __half2float(x); }
+KDOPS_HD float load_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+KDOPS_HD void store_float(__half* p, float v) { *p = __float2half_rn(v); }
+KDOPS_HD void store_float(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+#endif
+
+// x when finite, else 0 (x − x is NaN for ±inf and NaN).
+KDOPS_HD float finite_or_zero(float x) { return x - x == 0.f ? x : 0.f; }
+
+// Output pixels (n, y, x) of the H·W of each image, numbered (n·H + y)·W + x.
+struct OutputPixel {
+  int64_t n, y, x;
+};
+
+KDOPS_HD int64_t output_pixels(const ResizedKLInputs& p) { return p.n * p.rows.out * p.cols.out; }
+
+KDOPS_HD OutputPixel output_pixel(const ResizedKLInputs& p, int64_t pixel) {
+  const int64_t width = p.cols.out, height = p.rows.out;
+  const int64_t row = pixel / width;
+  return OutputPixel{row / height, row % height, pixel % width};
+}
+
+KDOPS_HD bool output_valid(const ResizedKLInputs& p, int64_t n, int64_t y, int64_t x) {
+  return p.target == nullptr ||
+         p.target[n * p.target_stride_n + y * p.target_stride_h + x * p.target_stride_w] !=
+             p.ignore_index;
+}
+
+// One input tensor read at one output pixel: its four corners' offsets in image n, the weights
+// and the anchor (see the top of the file).
+template <typename T>
+struct PixelReader {
+  const T* image;  // image n, channel 0
+  int64_t stride_c;
+  int64_t corner[4];  // offsets of corners (y0, x0), (y0, x1), (y1, x0), (y1, x1) (BilinearCorner)
+  float ly, lx, anchor;
+
+  KDOPS_HD PixelReader(const void* data, const Strides4& st, int64_t n, const BilinearPixel& px)
+      : image(static_cast<const T*>(data) + n * st.n), stride_c(st.c), ly(px.ly), lx(px.lx) {
+    const int64_t row0 = px.y0 * st.h, row1 = px.y1 * st.h;
+    const int64_t col0 = px.x0 * st.w, col1 = px.x1 * st.w;
+    corner[kCorner00] = row0 + col0;
+    corner[kCorner01] = row0 + col1;
+    corner[kCorner10] = row1 + col0;
+    corner[kCorner11] = row1 + col1;
+    anchor = finite_or_zero(load_float(image[corner[kCorner00]]));
+  }
+
+  // The anchored resized logit of channel c.
+  KDOPS_HD float at(int64_t c) const {
+    const T* plane = image + c * stride_c;
+    return bilinear_value(ly, lx, [&](int k) { return load_float(plane[corner[k]]) - anchor; });
+  }
+};
+
+// The one-pass KL state of output pixel (n, y, x) over all C channels.
+template <typename T>
+KDOPS_HD KLState<float> output_state(const ResizedKLInputs& p, const OutputPixel& o) {
+  const BilinearPixel px = bilinear_pixel(bilinear_tap(p.rows, o.y), bilinear_tap(p.cols, o.x));
+  const PixelReader<T> s(p.student, p.student_strides, o.n, px);
+  const PixelReader<T> t(p.teacher, p.teacher_strides, o.n, px);
+  KLState<float> st = kl_state_empty<float>();
+  for (int64_t c = 0; c < p.c; ++c) kl_push(st, s.at(c), t.at(c), p.inv_tau);
+  return st;
+}
+
+// Forward, one thread per output pixel: adds the pixel's KL to kl and 1 to valid when it is
+// counted; an ignored pixel's logits are never read.
+template <typename T>
+KDOPS_HD void forward_pixel(const ResizedKLInputs& p, int64_t pixel, double& kl,
+                            unsigned long long& valid) {
+  const OutputPixel o = output_pixel(p, pixel);
+  if (!output_valid(p, o.n, o.y, o.x)) return;
+  kl += static_cast<double>(kl_of(output_state<T>(p, o)));
+  ++valid;
+}
+
+// Backward, first kernel, one thread per output pixel: the pixel's statistics
+// [max_s, log z_s, max_t, log z_t, KL] (maxima in anchored units) into pixel_stats; nothing for
+// an ignored pixel (the second kernel never reads its row).
+template <typename T>
+KDOPS_HD void backward_pixel_stats(const ResizedPixelKLBackwardParams& p, int64_t pixel) {
+  const OutputPixel o = output_pixel(p, pixel);
+  if (!output_valid(p, o.n, o.y, o.x)) return;
+  const KLRowStats<float> r = kl_finalize(output_state<T>(p, o));
+  float* out = p.pixel_stats + kKLRowStats * pixel;
+  out[0] = r.ms;
+  out[1] = r.log_zs;
+  out[2] = r.mt;
+  out[3] = r.log_zt;
+  out[4] = r.kl;
+}
+
+KDOPS_HD KLRowStats<float> read_pixel_stats(const float* pixel_stats, int64_t pixel) {
+  const float* in = pixel_stats + kKLRowStats * pixel;
+  return KLRowStats<float>{in[0], in[1], in[2], in[3], in[4]};
+}
+
+// Channels per backward work item: each item keeps K gradients of each input in registers.
+constexpr int kChannelsPerItem = 4;
+
+KDOPS_HD int64_t channel_chunks(int64_t c) { return (c + kChannelsPerItem - 1) / kChannelsPerItem; }
+
+// Backward work items: (n, channel chunk, input row r, input column j), j fastest.
+KDOPS_HD int64_t backward_items(const ResizedKLInputs& p) {
+  return p.n * channel_chunks(p.c) * p.rows.in * p.cols.in;
+}
+
+// Backward, second kernel, one thread per item (n, chunk, r, j): the gradients of input pixel
+// (n, ·, r, j) at channels chunk·K … chunk·K + K − 1, each written once:
+//   grad[n, c, r, j] = Σ_{valid outputs (y, x) reading (r, j)} w_y(y, r)·w_x(x, j)·g(y, x, c),
+// g = scale·(q − p) for the student, scale·p·(log p − log q − KL) for the teacher (the plain
+// pixel_kl backward at the resized logits, from the pixel's saved statistics), summed with y, then
+// x ascending. The outputs reading row r are bilinear_readers(rows, r) (likewise for columns), so
+// the loops visit every output of nonzero weight on (r, j) and only the few of weight 0 besides
+// (i0 = r − 1 with λ = 0), which are skipped; ignored outputs are skipped too (never read, never
+// multiplied by 0). An input that no valid output reads gets exact zeros.
+// scale = τ·grad_loss/max(#valid, 1).
+template <typename T>
+KDOPS_HD void backward_input_grads(const ResizedPixelKLBackwardParams& p, int64_t item,
+                                   float scale) {
+  constexpr int K = kChannelsPerItem;
+  const int64_t in_w = p.cols.in, in_h = p.rows.in;
+  const int64_t j = item % in_w;
+  int64_t rest = item / in_w;
+  const int64_t r = rest % in_h;
+  rest /= in_h;
+  const int64_t chunks = channel_chunks(p.c);
+  const int64_t c0 = (rest % chunks) * K;
+  const int64_t n = rest / chunks;
+  const bool want_s = p.grad_student != nullptr, want_t = p.grad_teacher != nullptr;
+
+  float acc_s[K], acc_t[K];
+KDOPS_UNROLL
+  for (int k = 0; k < K; ++k) acc_s[k] = acc_t[k] = 0.f;
+
+  const BilinearRange ys = bilinear_readers(p.rows, r);
+  const BilinearRange xs = bilinear_readers(p.cols, j);
+  for (int64_t y = ys.begin; y < ys.end; ++y) {
+    const BilinearTap ty = bilinear_tap(p.rows, y);
+    const float wy = bilinear_weight(ty, r);
+    if (wy == 0.f) continue;
+    for (int64_t x = xs.begin; x < xs.end; ++x) {
+      const BilinearTap tx = bilinear_tap(p.cols, x);
+      const float wx = bilinear_weight(tx, j);
+      if (wx == 0.f || !output_valid(p, n, y, x)) continue;
+      const KLRowStats<float> stats =
+          read_pixel_stats(p.pixel_stats, (n * p.rows.out + y) * p.cols.out + x);
+      const BilinearPixel px = bilinear_pixel(ty, tx);
+      const PixelReader<T> s(p.student, p.student_strides, n, px);
+      const PixelReader<T> t(p.teacher, p.teacher_strides, n, px);
+      const float weight = wy * wx;
+KDOPS_UNROLL
+      for (int k = 0; k < K; ++k) {
+        const int64_t c = c0 + k;
+        if (c >= p.c) break;
+        const float xs_c = s.at(c), xt_c = t.at(c);
+        if (want_s && want_t) {
+          float gs, gt;
+          kl_grad_both(xs_c, xt_c, stats, p.inv_tau, scale, gs, gt);
+          acc_s[k] += weight * gs;
+          acc_t[k] += weight * gt;
+        } else if (want_s) {
+          acc_s[k] += weight * kl_grad_student(xs_c, xt_c, stats, p.inv_tau, scale);
+        } else {
+          acc_t[k] += weight * kl_grad_teacher(xs_c, xt_c, stats, p.inv_tau, scale);
+        }
+      }
+    }
+  }
+
+KDOPS_UNROLL
+  for (int k = 0; k < K; ++k) {
+    const int64_t c = c0 + k;
+    if (c >= p.c) break;
+    if (want_s) {
+      const Strides4& g = p.grad_student_strides;
+      store_float(static_cast<T*>(p.grad_student) + n * g.n + c * g.c + r * g.h + j * g.w, acc_s[k]);
+    }
+    if (want_t) {
+      const Strides4& g = p.grad_teacher_strides;
+      store_float(static_cast<T*>(p.grad_teacher) + n * g.n + c * g.c + r * g.h + j * g.w, acc_t[k]);
+    }
+  }
+}
+
+}  // namespace resized
+}  // namespace cuda
+}  // namespace kdops
