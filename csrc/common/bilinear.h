@@ -1,23 +1,25 @@
 // Bilinear resizing as F.interpolate(mode="bilinear") reads its source, and the transpose of that
 // read, per axis (no torch, no CUDA runtime: the CUDA kernels of resized_pixel_kl and a host
-// build of their per-thread code use it; kdops/reference/softmax_kl.py is the specification).
+// build of their per-thread code use it; kdops/reference/softmax_kl.py, bilinear_source, is the
+// specification).
 //
-// Along one axis of `in` positions resized to `out`, output i reads
+// Along one axis of `in` positions resized to `out`, output i reads the source position
 //   src = i·(in − 1)/(out − 1)                 (align_corners; 0 when out = 1)
 //   src = max((i + ½)·(in/out) − ½, 0)         (otherwise)
-//   i0 = ⌊src⌋ (≤ in − 1),  i1 = min(i0 + 1, in − 1),  λ = src − i0,
-// value = (1 − λ)·x[i0] + λ·x[i1], the λ term left out (x[i1] not read) when λ = 0, so that a
-// −inf there stays out of the sum. The arithmetic is float32 with the roundings the reference
-// makes (i + ½, ·scale, − ½, each rounded; scale rounded to float32 once): __fmul_rn/__fadd_rn on
-// the device, which the compiler never contracts into an FMA.
+// taken as an exact fraction a/b of integers: a = i·(in − 1), b = max(out − 1, 1), or
+// a = max((2i + 1)·in − out, 0), b = 2·out. Then i0 = a div b, λ = (a mod b)/b (one rounding,
+// float32), i1 = min(i0 + 1, in − 1), and value = (1 − λ)·x[i0] + λ·x[i1], the λ term left out
+// (x[i1] not read) when λ = 0, so that a −inf there stays out of the sum. Integer arithmetic
+// makes λ exactly 0 wherever the position hits an input sample, on every backend alike.
+// i0 ≤ in − 1 without a clamp (src < in − ½ or ≤ in − 1 exactly), and 1 − λ > 0 (a mod b < b,
+// rounded to float32 below 1 for b < 2^24).
 //
-// The transpose. src (hence i0) is non-decreasing in i — every step above is a monotone
-// rounding — so the outputs that read input r, those with i0 ∈ {r − 1, r}, form the contiguous
-// range [first(r − 1), first(r + 1)), first(v) = the first output with i0 ≥ v (found by bisection
-// on the same i0 the forward computes: exact, no inverse formula to round differently). Output i
-// weighs input r by [i0 = r]·(1 − λ) + [i1 = r, λ > 0]·λ (both terms when i0 = i1 = r at the
-// last input); a candidate of weight 0 (i1 = r with λ = 0) reads nothing from r. (1 − λ) > 0
-// always: λ < 1 because src − ⌊src⌋ is exact in float32.
+// The transpose. a, hence i0, is non-decreasing in i, so the outputs that read input r — those
+// with i0 ∈ {r − 1, r} — form the contiguous range [first(r − 1), first(r + 1)), first(v) = the
+// first output with i0 ≥ v (found by bisection on the same i0 the forward computes: exact, no
+// inverse formula to round differently). Output i weighs input r by
+// [i0 = r]·(1 − λ) + [i1 = r, λ > 0]·λ (both terms when i0 = i1 = r at the last input); a
+// candidate of weight 0 (i1 = r with λ = 0) reads nothing from r.
 #pragma once
 
 #include <cstdint>
@@ -30,11 +32,12 @@
 
 namespace kdops {
 
-// One axis of the resize: sizes and the float32 scale the reference uses.
+// One axis of the resize: sizes and the fraction's denominator.
 struct BilinearAxis {
   int64_t in, out;
-  float scale;  // align_corners: (in − 1)/(out − 1) rounded to float32 (0 if out = 1); else in/out
+  int64_t denominator;  // b: max(out − 1, 1) (align_corners) or 2·out
   bool align_corners;
+  bool narrow;  // every numerator and b fit in 31 bits: 32-bit division (the fast one on a GPU)
 };
 
 // Where output i reads: x[i0] with weight 1 − lambda, x[i1] with weight lambda (when > 0).
@@ -43,48 +46,42 @@ struct BilinearTap {
   float lambda;
 };
 
-// The scale as the reference forms it: align_corners in float64 then rounded to float32
-// (torch.tensor(python_float, dtype=float32)); otherwise a float32 division.
 inline BilinearAxis bilinear_axis(int64_t in, int64_t out, bool align_corners) {
-  float scale;
-  if (align_corners) {
-    scale = out > 1 ? static_cast<float>(static_cast<double>(in - 1) / static_cast<double>(out - 1))
-                    : 0.f;
-  } else {
-    scale = static_cast<float>(in) / static_cast<float>(out);
-  }
-  return BilinearAxis{in, out, scale, align_corners};
+  const int64_t denominator = align_corners ? (out > 1 ? out - 1 : 1) : 2 * out;
+  const int64_t largest_numerator = align_corners ? (out - 1) * (in - 1) : (2 * out - 1) * in;
+  const int64_t limit = int64_t(1) << 31;
+  return BilinearAxis{in, out, denominator, align_corners,
+                      largest_numerator < limit && denominator < limit};
 }
 
-KDOPS_BILINEAR_HD float bilinear_mul(float a, float b) {
+KDOPS_BILINEAR_HD float bilinear_ratio(int64_t remainder, int64_t denominator) {
 #if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
+  return __fdiv_rn(static_cast<float>(remainder), static_cast<float>(denominator));
 #else
-  return a * b;
-#endif
-}
-
-KDOPS_BILINEAR_HD float bilinear_add(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
+  return static_cast<float>(remainder) / static_cast<float>(denominator);
 #endif
 }
 
 KDOPS_BILINEAR_HD BilinearTap bilinear_tap(const BilinearAxis& axis, int64_t i) {
-  const float position = static_cast<float>(i);  // exact below 2^24
-  float src;
+  int64_t numerator;
   if (axis.align_corners) {
-    src = bilinear_mul(position, axis.scale);
+    numerator = i * (axis.in - 1);
   } else {
-    src = bilinear_add(bilinear_mul(bilinear_add(position, 0.5f), axis.scale), -0.5f);
-    src = src > 0.f ? src : 0.f;
+    numerator = (2 * i + 1) * axis.in - axis.out;
+    numerator = numerator > 0 ? numerator : 0;
   }
-  int64_t i0 = static_cast<int64_t>(src);  // src ≥ 0: truncation is ⌊src⌋
-  if (i0 > axis.in - 1) i0 = axis.in - 1;
+  int64_t i0, remainder;
+  if (axis.narrow) {
+    const uint32_t a = static_cast<uint32_t>(numerator), b = static_cast<uint32_t>(axis.denominator);
+    const uint32_t quotient = a / b;
+    i0 = quotient;
+    remainder = a - quotient * b;
+  } else {
+    i0 = numerator / axis.denominator;
+    remainder = numerator - i0 * axis.denominator;
+  }
   const int64_t i1 = i0 + 1 < axis.in ? i0 + 1 : axis.in - 1;
-  return BilinearTap{i0, i1, src - static_cast<float>(i0)};
+  return BilinearTap{i0, i1, bilinear_ratio(remainder, axis.denominator)};
 }
 
 // The weight output `tap` gives input r (0 when it does not read r).

@@ -6,6 +6,10 @@
 // the fixed-order reductions and the launchers. Inputs float32/float16/bfloat16, float32 in
 // registers; any strides.
 //
+// Anchors: a thread per input pixel first takes its largest student and teacher logit over the
+// channels (N·h·w·2 floats of scratch, f² times fewer than the output pixels): the interpolation
+// runs on differences to them (see the threads header). Forward and backward both run it.
+//
 // Forward: a thread per output pixel (n, y, x), pixels numbered (n·H + y)·W + x so that a warp
 // takes 32 neighbours of one output row: they share their ≤ 2 source rows and, at the usual 8×
 // upsampling, 4–5 source columns, so the C·8 reads of a pixel (4 corners, both inputs) are
@@ -87,6 +91,15 @@ int grid_for(int64_t items, int num_sms, int blocks_per_sm) {
 }
 
 template <typename T>
+__global__ void __launch_bounds__(kThreads) resized_pixel_kl_anchors_kernel(const ResizedKLInputs p) {
+  const int64_t pixels = resized::input_pixels(p);
+  for (int64_t item = int64_t(blockIdx.x) * kThreads + threadIdx.x; item < pixels;
+       item += int64_t(gridDim.x) * kThreads) {
+    resized::input_anchors<T>(p, item);
+  }
+}
+
+template <typename T>
 __global__ void __launch_bounds__(kThreads)
     resized_pixel_kl_forward_kernel(const ResizedPixelKLForwardParams p, const Partials out) {
   __shared__ double shared_kl[kWarps];
@@ -165,24 +178,44 @@ int forward_blocks(const ResizedPixelKLForwardParams& p) {
   return grid_for(resized::output_pixels(p), p.num_sms, kBlocksPerSm);
 }
 
+// The anchors (N·h·w, 2): a multiple of 8 bytes, so what follows them stays 8-byte aligned.
+size_t anchors_bytes(const ResizedKLInputs& p) {
+  return static_cast<size_t>(resized::input_pixels(p)) * 2 * sizeof(float);
+}
+
+template <typename T>
+cudaError_t launch_anchors(const ResizedKLInputs& p, cudaStream_t stream) {
+  resized_pixel_kl_anchors_kernel<T>
+      <<<grid_for(resized::input_pixels(p), p.num_sms, kBlocksPerSm), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
+// Forward workspace: the anchors, then the blocks' KL partials (float64) and counts.
 size_t resized_pixel_kl_forward_workspace_bytes(const ResizedPixelKLForwardParams& p) {
-  return static_cast<size_t>(forward_blocks(p)) * (sizeof(double) + sizeof(unsigned long long));
+  return anchors_bytes(p) +
+         static_cast<size_t>(forward_blocks(p)) * (sizeof(double) + sizeof(unsigned long long));
 }
 
+// Backward workspace: the output pixels' statistics, then the anchors.
 size_t resized_pixel_kl_backward_workspace_bytes(const ResizedPixelKLBackwardParams& p) {
-  return static_cast<size_t>(resized::output_pixels(p)) * kKLRowStats * sizeof(float);
+  return static_cast<size_t>(resized::output_pixels(p)) * kKLRowStats * sizeof(float) +
+         anchors_bytes(p);
 }
 
-cudaError_t launch_resized_pixel_kl_forward(const ResizedPixelKLForwardParams& p,
+cudaError_t launch_resized_pixel_kl_forward(const ResizedPixelKLForwardParams& params,
                                             cudaStream_t stream) {
+  ResizedPixelKLForwardParams p = params;
   const int blocks = forward_blocks(p);
+  p.anchors = static_cast<float*>(p.workspace);
   Partials partials;
-  partials.kl = static_cast<double*>(p.workspace);
+  partials.kl = reinterpret_cast<double*>(static_cast<char*>(p.workspace) + anchors_bytes(p));
   partials.valid = reinterpret_cast<unsigned long long*>(partials.kl + blocks);
   const cudaError_t err = with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
+    cudaError_t status = launch_anchors<T>(p, stream);
+    if (status != cudaSuccess) return status;
     resized_pixel_kl_forward_kernel<T><<<blocks, kThreads, 0, stream>>>(p, partials);
     return cudaGetLastError();
   });
@@ -192,14 +225,19 @@ cudaError_t launch_resized_pixel_kl_forward(const ResizedPixelKLForwardParams& p
   return cudaGetLastError();
 }
 
-cudaError_t launch_resized_pixel_kl_backward(const ResizedPixelKLBackwardParams& p,
+cudaError_t launch_resized_pixel_kl_backward(const ResizedPixelKLBackwardParams& params,
                                              cudaStream_t stream) {
-  if (p.grad_student == nullptr && p.grad_teacher == nullptr) return cudaSuccess;
+  if (params.grad_student == nullptr && params.grad_teacher == nullptr) return cudaSuccess;
+  ResizedPixelKLBackwardParams p = params;
+  p.pixel_stats = static_cast<float*>(p.workspace);
+  p.anchors = p.pixel_stats + resized::output_pixels(p) * kKLRowStats;
   return with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
+    cudaError_t err = launch_anchors<T>(p, stream);
+    if (err != cudaSuccess) return err;
     resized_pixel_kl_stats_kernel<T>
         <<<grid_for(resized::output_pixels(p), p.num_sms, kBlocksPerSm), kThreads, 0, stream>>>(p);
-    cudaError_t err = cudaGetLastError();
+    err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     resized_pixel_kl_grads_kernel<T>
         <<<grid_for(resized::backward_items(p), p.num_sms, kGradBlocksPerSm), kThreads, 0, stream>>>(p);

@@ -39,13 +39,17 @@ struct ResizedKLInputs {
   const int64_t* target;
   int64_t target_stride_n, target_stride_h, target_stride_w;
   int64_t ignore_index;
+  // (N·h·w, 2) floats: each input pixel's largest student and teacher logit (0 if not finite),
+  // the anchors of the interpolation (resized_pixel_kl_threads.h). Set by the launchers in their
+  // workspace; the callers leave it null.
+  float* anchors;
 };
 
 struct ResizedPixelKLForwardParams : ResizedKLInputs {
   float tau_sq;        // τ²
   float* loss;         // 0-dim
   int64_t* num_valid;  // 0-dim
-  void* workspace;     // resized_pixel_kl_forward_workspace_bytes(params) bytes, 8-byte aligned
+  void* workspace;     // resized_pixel_kl_forward_workspace_bytes(params) bytes, 16-byte aligned
 };
 
 struct ResizedPixelKLBackwardParams : ResizedKLInputs {
@@ -55,9 +59,10 @@ struct ResizedPixelKLBackwardParams : ResizedKLInputs {
   float tau;                 // τ
   const float* grad_loss;    // 0-dim, on the device
   const int64_t* num_valid;  // 0-dim, on the device, from the forward
-  // (N·H·W, kKLRowStats) floats: each valid output pixel's [max_s, log z_s, max_t, log z_t, KL]
-  // (resized_pixel_kl_backward_workspace_bytes(params) bytes), written by the first backward
-  // kernel, read by the second. O(output pixels), not O(pixels·C).
+  void* workspace;  // resized_pixel_kl_backward_workspace_bytes(params) bytes, 16-byte aligned
+  // (N·H·W, kKLRowStats) floats: each valid output pixel's [max_s, log z_s, max_t, log z_t, KL],
+  // written by the first backward kernel, read by the second: O(output pixels), not
+  // O(pixels·C). Set by the launcher in the workspace; the callers leave it null.
   float* pixel_stats;
 };
 

@@ -5,15 +5,18 @@
 // Math: csrc/common/softmax_kl.h (the one-pass KL state) and csrc/common/bilinear.h (the resize).
 //
 // Anchored interpolation. Each output pixel's resized logits are interpolated as differences to
-// an anchor, one input logit of that pixel (channel 0 at its corner (y0, x0), a corner it always
-// reads; 0 when that logit is not finite): s' = Σ w·(s − a_s), t' = Σ w·(t − a_t). The softmaxes
-// and the KL depend only on differences of logits within the pixel, so s', t' give the same loss
-// and gradients (∂/∂a = −Σ_c (q − p) = 0: a is a constant for the gradient), while a common
-// offset of the logits (|s| ~ 1e4, where a float32 interpolation of the raw values rounds at
-// ~1e-3) never enters the rounding: the shift-safe rule of softmax_kl.h carried through the
-// resize.
+// an anchor a, the largest logit over the channels at the pixel's corner (y0, x0) (0 when not
+// finite; one per input pixel and side, computed first by input_anchors):
+// s' = Σ w·(s − a_s), t' = Σ w·(t − a_t). The softmaxes and the KL depend only on differences
+// of logits within a pixel, so s', t' give the same loss and gradients (∂/∂a = −Σ_c (q − p) = 0:
+// a is a constant for the gradient), while the rounding of the interpolation happens at the
+// magnitude of s − a instead of s: logits with a common offset (|s| ~ 1e4, where a float32
+// interpolation of the raw values rounds at ~1e-3) keep float32 accuracy where the probability
+// is, and a channel masked at −1e4 is as harmless as a −inf (its own difference rounds, at a
+// probability of e^{-1e4}): the shift-safe rule of softmax_kl.h carried through the resize.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -56,6 +59,8 @@ struct OutputPixel {
 
 KDOPS_HD int64_t output_pixels(const ResizedKLInputs& p) { return p.n * p.rows.out * p.cols.out; }
 
+KDOPS_HD int64_t input_pixels(const ResizedKLInputs& p) { return p.n * p.rows.in * p.cols.in; }
+
 KDOPS_HD OutputPixel output_pixel(const ResizedKLInputs& p, int64_t pixel) {
   const int64_t width = p.cols.out, height = p.rows.out;
   const int64_t row = pixel / width;
@@ -68,8 +73,29 @@ KDOPS_HD bool output_valid(const ResizedKLInputs& p, int64_t n, int64_t y, int64
              p.ignore_index;
 }
 
+// The anchors, one thread per input pixel (n, r, j), numbered (n·h + r)·w + j: the largest
+// student and teacher logits over the channels (NaN is passed over: the pixels that read a NaN
+// get it through their values), 0 when not finite.
+template <typename T>
+KDOPS_HD void input_anchors(const ResizedKLInputs& p, int64_t item) {
+  const int64_t in_w = p.cols.in, in_h = p.rows.in;
+  const int64_t j = item % in_w, row = item / in_w;
+  const int64_t r = row % in_h, n = row / in_h;
+  const T* s = static_cast<const T*>(p.student) + n * p.student_strides.n + r * p.student_strides.h +
+               j * p.student_strides.w;
+  const T* t = static_cast<const T*>(p.teacher) + n * p.teacher_strides.n + r * p.teacher_strides.h +
+               j * p.teacher_strides.w;
+  float ms = -INFINITY, mt = -INFINITY;
+  for (int64_t c = 0; c < p.c; ++c) {
+    ms = KLMath<float>::max(ms, load_float(s[c * p.student_strides.c]));
+    mt = KLMath<float>::max(mt, load_float(t[c * p.teacher_strides.c]));
+  }
+  p.anchors[2 * item] = finite_or_zero(ms);
+  p.anchors[2 * item + 1] = finite_or_zero(mt);
+}
+
 // One input tensor read at one output pixel: its four corners' offsets in image n, the weights
-// and the anchor (see the top of the file).
+// and the anchor.
 template <typename T>
 struct PixelReader {
   const T* image;  // image n, channel 0
@@ -77,15 +103,16 @@ struct PixelReader {
   int64_t corner[4];  // offsets of corners (y0, x0), (y0, x1), (y1, x0), (y1, x1) (BilinearCorner)
   float ly, lx, anchor;
 
-  KDOPS_HD PixelReader(const void* data, const Strides4& st, int64_t n, const BilinearPixel& px)
-      : image(static_cast<const T*>(data) + n * st.n), stride_c(st.c), ly(px.ly), lx(px.lx) {
+  KDOPS_HD PixelReader(const void* data, const Strides4& st, int64_t n, const BilinearPixel& px,
+                       float anchor_)
+      : image(static_cast<const T*>(data) + n * st.n), stride_c(st.c), ly(px.ly), lx(px.lx),
+        anchor(anchor_) {
     const int64_t row0 = px.y0 * st.h, row1 = px.y1 * st.h;
     const int64_t col0 = px.x0 * st.w, col1 = px.x1 * st.w;
     corner[kCorner00] = row0 + col0;
     corner[kCorner01] = row0 + col1;
     corner[kCorner10] = row1 + col0;
     corner[kCorner11] = row1 + col1;
-    anchor = finite_or_zero(load_float(image[corner[kCorner00]]));
   }
 
   // The anchored resized logit of channel c.
@@ -95,12 +122,18 @@ struct PixelReader {
   }
 };
 
+// The anchors' index of output pixel px of image n: its corner (y0, x0).
+KDOPS_HD int64_t anchor_index(const ResizedKLInputs& p, int64_t n, const BilinearPixel& px) {
+  return 2 * ((n * p.rows.in + px.y0) * p.cols.in + px.x0);
+}
+
 // The one-pass KL state of output pixel (n, y, x) over all C channels.
 template <typename T>
 KDOPS_HD KLState<float> output_state(const ResizedKLInputs& p, const OutputPixel& o) {
   const BilinearPixel px = bilinear_pixel(bilinear_tap(p.rows, o.y), bilinear_tap(p.cols, o.x));
-  const PixelReader<T> s(p.student, p.student_strides, o.n, px);
-  const PixelReader<T> t(p.teacher, p.teacher_strides, o.n, px);
+  const int64_t a = anchor_index(p, o.n, px);
+  const PixelReader<T> s(p.student, p.student_strides, o.n, px, p.anchors[a]);
+  const PixelReader<T> t(p.teacher, p.teacher_strides, o.n, px, p.anchors[a + 1]);
   KLState<float> st = kl_state_empty<float>();
   for (int64_t c = 0; c < p.c; ++c) kl_push(st, s.at(c), t.at(c), p.inv_tau);
   return st;
@@ -189,8 +222,9 @@ KDOPS_UNROLL
       const KLRowStats<float> stats =
           read_pixel_stats(p.pixel_stats, (n * p.rows.out + y) * p.cols.out + x);
       const BilinearPixel px = bilinear_pixel(ty, tx);
-      const PixelReader<T> s(p.student, p.student_strides, n, px);
-      const PixelReader<T> t(p.teacher, p.teacher_strides, n, px);
+      const int64_t a = anchor_index(p, n, px);
+      const PixelReader<T> s(p.student, p.student_strides, n, px, p.anchors[a]);
+      const PixelReader<T> t(p.teacher, p.teacher_strides, n, px, p.anchors[a + 1]);
       const float weight = wy * wx;
 KDOPS_UNROLL
       for (int k = 0; k < K; ++k) {

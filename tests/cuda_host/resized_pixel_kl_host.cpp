@@ -1,11 +1,12 @@
 // A host build of the per-thread code of the CUDA kernels of resized_pixel_kl
 // (csrc/cuda/resized_pixel_kl_threads.h), for tests/ops/test_resized_pixel_kl_threads.py: each
-// function below runs one kernel's work items on the CPU, in item order, in float32 — the grid,
+// function below runs the kernels' work items on the CPU, in item order, in float32 — the grid,
 // the block reductions and the 16-bit conversions are what only a GPU run checks.
 //
 // Built with: g++ -std=c++17 -O1 -ffp-contract=off -shared -fPIC -I csrc -I <cuda>/include
 // (-ffp-contract=off: the device code rounds each step of the source positions; see bilinear.h).
 #include <cstdint>
+#include <vector>
 
 #include "cuda/resized_pixel_kl_threads.h"
 
@@ -43,6 +44,12 @@ void fill_inputs(ResizedKLInputs& p, const float* student, const int64_t* studen
   p.ignore_index = ignore_index;
 }
 
+// The anchors kernel's items.
+void run_anchors(const ResizedKLInputs& p) {
+  const int64_t pixels = kdops::cuda::resized::input_pixels(p);
+  for (int64_t item = 0; item < pixels; ++item) kdops::cuda::resized::input_anchors<float>(p, item);
+}
+
 }  // namespace
 
 extern "C" {
@@ -56,6 +63,9 @@ float resized_pixel_kl_host_forward(const float* student, const int64_t* student
   kdops::cuda::ResizedPixelKLForwardParams p{};
   fill_inputs(p, student, student_strides, teacher, teacher_strides, sizes, align_corners, tau,
               target, target_strides, ignore_index);
+  std::vector<float> anchors(2 * kdops::cuda::resized::input_pixels(p));
+  p.anchors = anchors.data();
+  run_anchors(p);
   double kl = 0.0;
   unsigned long long valid = 0;
   const int64_t pixels = kdops::cuda::resized::output_pixels(p);
@@ -86,6 +96,9 @@ void resized_pixel_kl_host_backward(const float* student, const int64_t* student
   if (grad_teacher != nullptr) p.grad_teacher_strides = strides4(grad_teacher_strides);
   p.tau = static_cast<float>(tau);
   p.pixel_stats = pixel_stats;
+  std::vector<float> anchors(2 * kdops::cuda::resized::input_pixels(p));
+  p.anchors = anchors.data();
+  run_anchors(p);
   // As resized_pixel_kl_grads_kernel forms it from the device scalars.
   const float scale = p.tau * grad_loss / static_cast<float>(num_valid > 0 ? num_valid : 1);
   const int64_t pixels = kdops::cuda::resized::output_pixels(p);

@@ -41,13 +41,40 @@ def make_target(batch, size, num_classes, device="cpu", ignored=0.3, seed=1):
     return target.to(device)
 
 
+def exact_taps(in_size, out_size, align_corners, dtype=torch.float64):
+    """(i0, i1, λ) along one axis: F.interpolate's source position as the exact fraction a/b
+    (a = i·(in − 1), b = max(out − 1, 1) with align_corners; a = max((2i + 1)·in − out, 0),
+    b = 2·out without), i0 = a div b, λ = (a mod b)/b rounded once to dtype. Written here, apart
+    from the reference, so that these tests do not move with it."""
+    i = torch.arange(out_size, dtype=torch.int64)
+    if align_corners:
+        numerator, denominator = i * (in_size - 1), max(out_size - 1, 1)
+    else:
+        numerator, denominator = ((2 * i + 1) * in_size - out_size).clamp(min=0), 2 * out_size
+    i0 = numerator // denominator
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    return i0, i1, (numerator % denominator).to(dtype) / denominator
+
+
 def output_readers(in_size, out_size, align_corners, dtype=torch.float64):
-    """(out, in) matrix: weight of input r in output i (the reference's taps, in dtype)."""
-    i0, i1, lam = ref.bilinear_source(in_size, out_size, align_corners, dtype, torch.device("cpu"))
+    """(out, in) matrix: the weight of input r in output i, (1 − λ) at i0 plus λ at i1 (when
+    λ > 0), in dtype."""
+    i0, i1, lam = exact_taps(in_size, out_size, align_corners, dtype)
     m = torch.zeros(out_size, in_size, dtype=dtype)
     m[torch.arange(out_size), i0] += 1 - lam
     m[torch.arange(out_size), i1] += torch.where(lam > 0, lam, torch.zeros_like(lam))
     return m
+
+
+def resize(x, size, align_corners):
+    """(N, C, h, w) float64 → (N, C, H, W) bilinearly, a corner of weight 0 not read (so −inf
+    reaches only the outputs that interpolate it)."""
+    (h, w), (out_h, out_w) = x.shape[-2:], size
+    y0, y1, wy = exact_taps(h, out_h, align_corners)
+    x0, x1, wx = exact_taps(w, out_w, align_corners)
+    zero = torch.zeros((), dtype=x.dtype)
+    rows = (1 - wy[:, None]) * x[:, :, y0, :] + torch.where(wy[:, None] > 0, wy[:, None] * x[:, :, y1, :], zero)
+    return (1 - wx) * rows[..., x0] + torch.where(wx > 0, wx * rows[..., x1], zero)
 
 
 def target_ignoring_readers_of(batch, size, in_hw, pixel, align_corners, num_classes, device="cpu"):
@@ -89,13 +116,12 @@ def assert_grad_close(got, expected, tol, name, unit):
 
 def resized_oracle(s, t, tau, target, size, align_corners, ignore_index=255):
     """Loss and gradients in float64 from the formulas, for inputs the reference's autograd cannot
-    take (−inf, NaN): the logits resized by the reference's bilinear_resize (a corner of weight 0
-    is not read), ignored pixels' resized logits replaced by 0, the closed-form pixel_kl
+    take (−inf, NaN): the logits resized by resize() (a corner of weight 0 is not read), ignored pixels' resized logits replaced by 0, the closed-form pixel_kl
     gradients τ·w·(q − p) and τ·w·p (log p − log q − KL) (0 where p = 0), w = 1/max(#valid, 1) (0
     at ignored pixels), transposed through the interpolation weights: grad[n, c] = Mᵧᵀ·G[n, c]·Mₓ."""
     in_hw = tuple(s.shape[2:])
-    s = ref.bilinear_resize(s.detach().double().cpu(), size, align_corners)
-    t = ref.bilinear_resize(t.detach().double().cpu(), size, align_corners)
+    s = resize(s.detach().double().cpu(), size, align_corners)
+    t = resize(t.detach().double().cpu(), size, align_corners)
     valid = torch.ones(s.shape[:1] + s.shape[2:], dtype=torch.bool)
     if target is not None:
         valid = target.cpu() != ignore_index

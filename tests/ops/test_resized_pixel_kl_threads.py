@@ -1,5 +1,5 @@
 """The per-thread code of the CUDA kernels of resized_pixel_kl, built for the host and run on the
-CPU: the bilinear taps against the reference's bilinear_source (bitwise), the transposed ranges
+CPU: the bilinear taps against the exact fractions (bitwise) and F.interpolate, the transposed ranges
 (every output that reads an input is visited), and each kernel's work items run in order in
 float32 against the float64 reference and oracle.
 
@@ -18,11 +18,11 @@ import subprocess
 import pytest
 import torch
 
-from kdops.reference import softmax_kl as ref
 from tests.ops.resized_pixel_kl_cases import (
     ALIGN,
     RESIZE_CASES,
     assert_grad_close,
+    exact_taps,
     gradient_unit,
     make_logits,
     make_target,
@@ -147,20 +147,36 @@ AXES = [(64, 512), (128, 1024), (65, 513), (512, 64), (1024, 97), (7, 3), (3, 7)
 
 
 @pytest.mark.parametrize("align_corners", ALIGN)
-def test_taps_match_reference_bitwise(host, align_corners):
-    """i0, i1 equal and λ bitwise equal to the reference's bilinear_source in float32."""
+def test_taps_are_the_exact_fractions(host, align_corners):
+    """i0, i1 equal and λ bitwise equal to the exact fraction's, rounded once to float32."""
     for in_size, out_size in AXES:
         i0 = torch.empty(out_size, dtype=torch.int64)
         i1 = torch.empty(out_size, dtype=torch.int64)
         lam = torch.empty(out_size, dtype=torch.float32)
         host.resized_pixel_kl_host_taps(in_size, out_size, int(align_corners), _i64_ptr(i0),
                                         _i64_ptr(i1), _f32_ptr(lam))
-        e0, e1, elam = ref.bilinear_source(in_size, out_size, align_corners, torch.float32,
-                                           torch.device("cpu"))
+        e0, e1, elam = exact_taps(in_size, out_size, align_corners, torch.float32)
         case = (in_size, out_size)
         assert torch.equal(i0, e0), case
         assert torch.equal(i1, e1), case
         assert torch.equal(lam.view(torch.int32), elam.view(torch.int32)), case
+
+
+@pytest.mark.parametrize("align_corners", ALIGN)
+def test_taps_are_f_interpolate_positions(host, align_corners):
+    """The same positions as F.interpolate's float32 ones up to their round-off: the float32
+    position i0 + λ within 2e-6·in of F.interpolate's weights applied to a ramp."""
+    for in_size, out_size in AXES:
+        i0 = torch.empty(out_size, dtype=torch.int64)
+        i1 = torch.empty(out_size, dtype=torch.int64)
+        lam = torch.empty(out_size, dtype=torch.float32)
+        host.resized_pixel_kl_host_taps(in_size, out_size, int(align_corners), _i64_ptr(i0),
+                                        _i64_ptr(i1), _f32_ptr(lam))
+        ramp = torch.arange(in_size, dtype=torch.float64).reshape(1, 1, 1, in_size)
+        expected = torch.nn.functional.interpolate(
+            ramp, size=(1, out_size), mode="bilinear", align_corners=align_corners).flatten()
+        position = i0.double() + torch.where(i1 > i0, lam.double(), torch.zeros(()))
+        assert (position - expected).abs().max().item() <= 2e-6 * in_size, (in_size, out_size)
 
 
 @pytest.mark.parametrize("align_corners", ALIGN)
@@ -174,8 +190,7 @@ def test_readers_are_exactly_the_outputs_that_read(host, align_corners):
         weights = torch.empty(out_size, in_size, dtype=torch.float32)
         host.resized_pixel_kl_host_readers(in_size, out_size, int(align_corners), _i64_ptr(begin),
                                            _i64_ptr(end), _f32_ptr(weights))
-        i0, _, lam = ref.bilinear_source(in_size, out_size, align_corners, torch.float32,
-                                         torch.device("cpu"))
+        i0, _, lam = exact_taps(in_size, out_size, align_corners, torch.float32)
         expected = output_readers(in_size, out_size, align_corners, torch.float32)
         case = (in_size, out_size)
         assert torch.equal(weights, expected), case
@@ -275,6 +290,22 @@ def test_large_offset_logits(host, align_corners, offset):
         assert relative_error(torch.tensor(loss), expected) <= 1e-5, (loss, expected.item())
         assert relative_error(grad_s, grad_s_ref) <= 1e-5
         assert relative_error(grad_t, grad_t_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("align_corners", ALIGN)
+@pytest.mark.parametrize("masked", [0, 2], ids=["channel0", "channel2"])
+def test_channel_masked_at_minus_1e4(host, align_corners, masked):
+    """A class masked with a large negative logit (−1e4, the float16-safe −inf) in both inputs:
+    float32 accuracy in the other channels (the anchor is the largest logit, not any one channel's)."""
+    shape, size = (2, 5, 4, 6), (13, 11)
+    s, t = make_logits(shape, seed=3)
+    s[:, masked] = -1e4
+    t[:, masked] = -1e4
+    loss, _, grad_s, grad_t = host_loss_and_grads(host, s, t, 1.0, None, size, align_corners)
+    expected, grad_s_ref, grad_t_ref = resized_oracle(s, t, 1.0, None, size, align_corners)
+    assert relative_error(torch.tensor(loss), expected) <= 1e-5, (loss, expected.item())
+    assert relative_error(grad_s, grad_s_ref) <= 1e-5
+    assert relative_error(grad_t, grad_t_ref) <= 1e-5
 
 
 @pytest.mark.parametrize("align_corners", ALIGN)
