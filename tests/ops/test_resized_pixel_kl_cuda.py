@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdops
@@ -343,17 +344,18 @@ def test_compile_fullgraph(device, backend):
     def loss_fn(a, b):
         return 2.0 * kdops.pixel_kl(a, b, 2.0, target, size=(9, 13), align_corners=True, backend=backend)
 
-    compiled = torch.compile(loss_fn, fullgraph=True)
-    a = s.detach().requires_grad_(True)
-    b = t.detach().requires_grad_(True)
-    got = compiled(a, b)
-    got_grads = torch.autograd.grad(got, (a, b))
-    a.grad = b.grad = None
-    want = loss_fn(a, b)
-    want_grads = torch.autograd.grad(want, (a, b))
-    assert torch.equal(got, want)
-    for x, y in zip(got_grads, want_grads):
-        assert torch.equal(x, y)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=counter)
+    results = []
+    for fn in (loss_fn, compiled):
+        a = s.detach().requires_grad_(True)
+        b = t.detach().requires_grad_(True)
+        loss = fn(a, b)
+        results.append((loss,) + torch.autograd.grad(loss, (a, b)))
+    assert counter.frame_count == 1
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager)
 
 
 @pytest.mark.parametrize("device,backend", CUDA)
