@@ -5,8 +5,8 @@
 // Math: csrc/common/softmax_kl.h (the one-pass KL state) and csrc/common/bilinear.h (the resize).
 //
 // Anchored interpolation. Each output pixel's resized logits are interpolated as differences to
-// an anchor a, the largest logit over the channels at the pixel's corner (y0, x0) (0 when not
-// finite; one per input pixel and side, computed first by input_anchors):
+// an anchor a, the largest logit over the channels at the pixel's corner of the largest weight
+// (0 when not finite; one per input pixel and side, computed first by input_anchors):
 // s' = Σ w·(s − a_s), t' = Σ w·(t − a_t). The softmaxes and the KL depend only on differences
 // of logits within a pixel, so s', t' give the same loss and gradients (∂/∂a = −Σ_c (q − p) = 0:
 // a is a constant for the gradient), while the rounding of the interpolation happens at the
@@ -122,9 +122,12 @@ struct PixelReader {
   }
 };
 
-// The anchors' index of output pixel px of image n: its corner (y0, x0).
+// The anchors' index of output pixel px of image n: its corner of the largest weight (λ > ½ picks
+// the second row or column; a corner it reads).
 KDOPS_HD int64_t anchor_index(const ResizedKLInputs& p, int64_t n, const BilinearPixel& px) {
-  return 2 * ((n * p.rows.in + px.y0) * p.cols.in + px.x0);
+  const int64_t y = px.ly > 0.5f ? px.y1 : px.y0;
+  const int64_t x = px.lx > 0.5f ? px.x1 : px.x0;
+  return 2 * ((n * p.rows.in + y) * p.cols.in + x);
 }
 
 // The one-pass KL state of output pixel (n, y, x) over all C channels.
