@@ -19,25 +19,28 @@
 // go through a fixed shuffle/shared-memory tree into one partial per block; one block sums the
 // partials in block order.
 //
-// Backward, deterministic without atomics, in two kernels:
+// Backward, deterministic without atomics: the anchors again, then
 //  1. a thread per output pixel recomputes its state and stores its statistics
 //     [max_s, log z_s, max_t, log z_t, KL] (N·H·W·5 floats of scratch: O(output pixels), the
 //     C-fold larger resized logits are never stored);
-//  2. a thread per (n, chunk of 4 channels, input row r, input column j) gathers: it walks the
-//     output pixels that read (r, j) — rows bilinear_readers(r) × columns bilinear_readers(j),
-//     about (2f)² of them at an f× upsampling — in order, re-interpolates their logits at its 4
-//     channels, forms the plain pixel_kl gradients from the saved statistics and sums them with
-//     the interpolation weights; then writes its 4·2 gradient elements once.
-// Why gather per input pixel: a scatter from the output pixels (a thread per output pixel adding
-// into its 4 corners) needs float atomics (nondeterministic) or per-output partial gradients
-// (O(pixels·C) scratch, the tensor this op exists to avoid). The gather reads each output pixel's
-// logits from the 4 input pixels that it reads from, i.e. 4× the forward's interpolation work,
-// all of it from L1/L2 (the inputs are f² times smaller than the resized logits: 2.5 MB for
-// (8, 19, 64, 128) bfloat16), and nothing of size pixels·C is written. Chunks of 4 channels give
-// enough items to fill the GPU (N·⌈C/4⌉·h·w: 327K threads for (8, 19, 64·128)) while each item
-// still shares an output pixel's statistics, taps and corner offsets over 4 channels; within a
-// warp the 32 threads are neighbouring input columns of one row, so their gradient stores are
-// coalesced in NCHW and their output pixels overlap in cache.
+//  2. the transpose of the interpolation as a gather, each input gradient element summed by one
+//     thread in a fixed order and written once. Default, the tiled form: a block per (n, chunk of
+//     4 channels, 2 input rows, tile of ≤ 256 input columns) walks the output rows that read its
+//     rows; for each, its threads compute the gradients of the output pixels the tile reads (≤
+//     kMaxSpan of them, once each) into shared memory, then the thread of each input column sums
+//     its readers' with the column weights and adds that, with the row weight, to its rows. An
+//     output pixel's gradient is thus computed about 1.5 times (by the 1–2 row blocks its row
+//     reads, and at tile edges), where a gather per input pixel computes it 4 times (its four
+//     corners). When not even one input column's readers fit kMaxSpan (upsampling far beyond 8×
+//     per side), the per-thread form runs instead: a thread per (n, chunk, r, j) walks the
+//     output pixels that read (r, j) and recomputes each one's gradients itself.
+// Why a gather: a scatter from the output pixels into their 4 corners needs float atomics
+// (nondeterministic) or per-output partial gradients (O(pixels·C) scratch, the tensor this op
+// exists to avoid). The recomputed gradients read the inputs from L1/L2 (they are f² times
+// smaller than the resized logits: 2.5 MB for (8, 19, 64, 128) bfloat16). Chunks of 4 channels
+// share each output pixel's statistics, taps and corner offsets while giving enough blocks to
+// fill the GPU (N·⌈C/4⌉·⌈h/2⌉ per column tile: 1280 for (8, 19, 64, 128)); in a warp the threads
+// are neighbouring input columns, so the gradient stores are coalesced in NCHW.
 //
 // Every sum runs in a fixed order (per-thread loops, fixed trees, partials summed by one block):
 // bitwise reproducible results on a given device.
@@ -59,7 +62,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBlocksPerSm = 8;         // pixel grids: up to 8 blocks per SM, grid-stride beyond
-constexpr int kGradBlocksPerSm = 32;    // the gather: long items, a grid of (almost) all of them
+constexpr int kGradBlocksPerSm = 32;    // per-thread gather: long items, (almost) all of them
+constexpr int kGatherBlocksPerSm = 16;  // tiled gather: (almost) every block, 5 resident per SM
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // The block's sum, in thread 0, by a fixed tree. `shared` holds kWarps values.
@@ -161,6 +165,44 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The tiled gather (resized_pixel_kl_threads.h, "tiled form"): steps 1 and 2 for each output row
+// that reads the block's input rows, separated by barriers (step 2 reads what step 1 wrote; the
+// next step 1 overwrites it). Every loop bound is the same in all threads of a block.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    resized_pixel_kl_gather_kernel(const ResizedPixelKLBackwardParams p,
+                                   const resized::GatherTiles tiles) {
+  constexpr int K = resized::kChannelsPerItem;
+  constexpr int R = resized::kRowsPerBlock;
+  __shared__ float shared_s[resized::kMaxSpan * K];
+  __shared__ float shared_t[resized::kMaxSpan * K];
+  const int64_t num_valid = *p.num_valid;
+  const float scale = p.tau * *p.grad_loss / static_cast<float>(num_valid > 0 ? num_valid : 1);
+  const int64_t blocks = resized::gather_blocks(p, tiles);
+  for (int64_t block = blockIdx.x; block < blocks; block += gridDim.x) {
+    const resized::GatherBlock b = resized::gather_block(p, tiles, block);
+    const int64_t j = b.j0 + threadIdx.x;
+    const bool owner = j < b.j_end;
+    float acc_s[R][K], acc_t[R][K];
+#pragma unroll
+    for (int rho = 0; rho < R; ++rho) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) acc_s[rho][k] = acc_t[rho][k] = 0.f;
+    }
+    for (int64_t y = b.y_begin; y < b.y_end; ++y) {
+      const BilinearTap ty = bilinear_tap(p.rows, y);
+      if (!resized::gather_row_read(b, ty)) continue;
+      for (int64_t x = b.x_begin + threadIdx.x; x < b.x_end; x += kThreads) {
+        resized::gather_output_grads<T>(p, b, y, ty, x, scale, shared_s, shared_t);
+      }
+      __syncthreads();
+      if (owner) resized::gather_add_row(p, b, ty, j, shared_s, shared_t, acc_s, acc_t);
+      __syncthreads();
+    }
+    if (owner) resized::gather_write<T>(p, b, j, acc_s, acc_t);
+  }
+}
+
 template <typename F>
 cudaError_t with_dtype(DType dtype, F&& launch) {
   switch (dtype) {
@@ -239,8 +281,15 @@ cudaError_t launch_resized_pixel_kl_backward(const ResizedPixelKLBackwardParams&
         <<<grid_for(resized::output_pixels(p), p.num_sms, kBlocksPerSm), kThreads, 0, stream>>>(p);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    resized_pixel_kl_grads_kernel<T>
-        <<<grid_for(resized::backward_items(p), p.num_sms, kGradBlocksPerSm), kThreads, 0, stream>>>(p);
+    resized::GatherTiles tiles;
+    if (resized::choose_gather_tiles(p, kThreads, tiles)) {
+      const int64_t blocks = resized::gather_blocks(p, tiles);
+      const int grid = static_cast<int>(std::min<int64_t>(blocks, int64_t(p.num_sms) * kGatherBlocksPerSm));
+      resized_pixel_kl_gather_kernel<T><<<grid, kThreads, 0, stream>>>(p, tiles);
+    } else {
+      resized_pixel_kl_grads_kernel<T>
+          <<<grid_for(resized::backward_items(p), p.num_sms, kGradBlocksPerSm), kThreads, 0, stream>>>(p);
+    }
     return cudaGetLastError();
   });
 }

@@ -5,6 +5,8 @@
 //
 // Built with: g++ -std=c++17 -O1 -ffp-contract=off -shared -fPIC -I csrc -I <cuda>/include
 // (-ffp-contract=off: the device code rounds each step of the source positions; see bilinear.h).
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -77,16 +79,17 @@ float resized_pixel_kl_host_forward(const float* student, const int64_t* student
   return static_cast<float>(tau_sq * kl / static_cast<double>(valid > 0 ? valid : 1));
 }
 
-// The backward's two kernels; grad_student / grad_teacher null when not requested;
-// pixel_stats: N·H·W·5 floats of scratch.
-void resized_pixel_kl_host_backward(const float* student, const int64_t* student_strides,
+// The backward's kernels; grad_student / grad_teacher null when not requested; pixel_stats:
+// N·H·W·5 floats of scratch. path: 0 as the launcher picks (the tiled gather where its tiles fit,
+// with at most `threads` columns per tile), 1 the per-thread gather. Returns the path taken.
+int resized_pixel_kl_host_backward(const float* student, const int64_t* student_strides,
                                     const float* teacher, const int64_t* teacher_strides,
                                     const int64_t* sizes, int align_corners, double tau,
                                     const int64_t* target, const int64_t* target_strides,
                                     int64_t ignore_index, float grad_loss, int64_t num_valid,
                                     float* grad_student, const int64_t* grad_student_strides,
                                     float* grad_teacher, const int64_t* grad_teacher_strides,
-                                    float* pixel_stats) {
+                                    float* pixel_stats, int path, int64_t threads) {
   kdops::cuda::ResizedPixelKLBackwardParams p{};
   fill_inputs(p, student, student_strides, teacher, teacher_strides, sizes, align_corners, tau,
               target, target_strides, ignore_index);
@@ -105,10 +108,47 @@ void resized_pixel_kl_host_backward(const float* student, const int64_t* student
   for (int64_t pixel = 0; pixel < pixels; ++pixel) {
     kdops::cuda::resized::backward_pixel_stats<float>(p, pixel);
   }
-  const int64_t items = kdops::cuda::resized::backward_items(p);
-  for (int64_t item = 0; item < items; ++item) {
-    kdops::cuda::resized::backward_input_grads<float>(p, item, scale);
+  namespace rz = kdops::cuda::resized;
+  rz::GatherTiles tiles;
+  if (path == 0 && rz::choose_gather_tiles(p, threads, tiles)) {
+    // resized_pixel_kl_gather_kernel, its block's threads run one after the other between the
+    // barriers: step 1 for every x of the span, then step 2 for every column of the tile.
+    constexpr int K = rz::kChannelsPerItem;
+    constexpr int R = rz::kRowsPerBlock;
+    std::vector<float> shared_s(rz::kMaxSpan * K), shared_t(rz::kMaxSpan * K);
+    using Acc = float[R][K];
+    std::vector<Acc> acc_s(tiles.cols), acc_t(tiles.cols);
+    const int64_t blocks = rz::gather_blocks(p, tiles);
+    for (int64_t block = 0; block < blocks; ++block) {
+      const rz::GatherBlock b = rz::gather_block(p, tiles, block);
+      for (int64_t lane = 0; lane < tiles.cols; ++lane) {
+        for (int rho = 0; rho < R; ++rho) {
+          for (int k = 0; k < K; ++k) acc_s[lane][rho][k] = acc_t[lane][rho][k] = 0.f;
+        }
+      }
+      // NaN in the shared buffers: a step 2 reading a slot step 1 did not write shows.
+      std::fill(shared_s.begin(), shared_s.end(), std::nanf(""));
+      std::fill(shared_t.begin(), shared_t.end(), std::nanf(""));
+      for (int64_t y = b.y_begin; y < b.y_end; ++y) {
+        const kdops::BilinearTap ty = kdops::bilinear_tap(p.rows, y);
+        if (!rz::gather_row_read(b, ty)) continue;
+        for (int64_t x = b.x_begin; x < b.x_end; ++x) {
+          rz::gather_output_grads<float>(p, b, y, ty, x, scale, shared_s.data(), shared_t.data());
+        }
+        for (int64_t j = b.j0; j < b.j_end; ++j) {
+          rz::gather_add_row(p, b, ty, j, shared_s.data(), shared_t.data(), acc_s[j - b.j0],
+                             acc_t[j - b.j0]);
+        }
+      }
+      for (int64_t j = b.j0; j < b.j_end; ++j) {
+        rz::gather_write<float>(p, b, j, acc_s[j - b.j0], acc_t[j - b.j0]);
+      }
+    }
+    return 0;
   }
+  const int64_t items = rz::backward_items(p);
+  for (int64_t item = 0; item < items; ++item) rz::backward_input_grads<float>(p, item, scale);
+  return 1;
 }
 
 }  // extern "C"

@@ -131,6 +131,23 @@ def test_realistic_shapes(device, backend, shape, size, align_corners):
     assert_grad_close(grad_t, grad_t_ref, 1e-2, "teacher", unit)
 
 
+@pytest.mark.parametrize("device,backend", CUDA)
+@pytest.mark.parametrize("shape,size", [
+    pytest.param((1, 3, 2, 40), (3, 2000), id="tiles-halved-40x50"),
+    pytest.param((1, 2, 2, 3), (3, 2000), id="per-thread-fallback-3-to-2000"),
+    pytest.param((2, 3, 3, 300), (5, 301), id="several-tiles-w300"),
+    pytest.param((2, 5, 7, 9), (3, 4), id="down"),
+])
+@pytest.mark.parametrize("align_corners", ALIGN)
+def test_backward_forms(device, backend, shape, size, align_corners):
+    """The launcher's backward forms (tests/ops/test_resized_pixel_kl_threads.py checks which one
+    each shape takes): tiles halved until their span fits shared memory, the per-thread gather
+    when not even one column's readers fit, several column tiles per row, downsampling."""
+    s, t = make_logits(shape, device=device)
+    target = make_target(shape[0], size, shape[1], device)
+    check_against_reference(backend, s, t, 1.0, target, size, align_corners, 1e-5, 1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Extreme inputs, against the float64 oracle
 

@@ -75,11 +75,11 @@ def host():
     lib.resized_pixel_kl_host_forward.argtypes = [
         ctypes.c_void_p, I64P, ctypes.c_void_p, I64P, I64P, ctypes.c_int, ctypes.c_double,
         ctypes.c_void_p, I64P, ctypes.c_int64, I64P]
-    lib.resized_pixel_kl_host_backward.restype = None
+    lib.resized_pixel_kl_host_backward.restype = ctypes.c_int
     lib.resized_pixel_kl_host_backward.argtypes = [
         ctypes.c_void_p, I64P, ctypes.c_void_p, I64P, I64P, ctypes.c_int, ctypes.c_double,
         ctypes.c_void_p, I64P, ctypes.c_int64, ctypes.c_float, ctypes.c_int64,
-        ctypes.c_void_p, I64P, ctypes.c_void_p, I64P, ctypes.c_void_p]
+        ctypes.c_void_p, I64P, ctypes.c_void_p, I64P, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
     lib.resized_pixel_kl_host_taps.restype = None
     lib.resized_pixel_kl_host_taps.argtypes = [
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int, I64P, I64P, F32P]
@@ -116,19 +116,32 @@ def host_forward(lib, s, t, tau, target, size, align_corners, ignore_index=255):
     return loss, count.value
 
 
+# The second backward kernel: "tiled" (the launcher's choice: the tiled gather, a block of 256
+# threads, where its tiles fit), "tiled-3" (tiles of at most 3 input columns: many tiles per row,
+# their edges inside small images) or "per-thread" (the launcher's fallback).
+PATHS = {"tiled": (0, 256), "tiled-3": (0, 3), "per-thread": (1, 256)}
+GATHER = [pytest.param(name, id=name) for name in PATHS]
+
+
 def host_backward(lib, s, t, tau, target, size, align_corners, grad_loss, num_valid,
-                  want=(True, True), grad_layout="contiguous", ignore_index=255):
+                  want=(True, True), grad_layout="contiguous", ignore_index=255, gather="tiled",
+                  expect_path=None):
     """(grad_student, grad_teacher) of the backward kernels' per-item code; the outputs start as
-    NaN (an element left unwritten shows), in grad_layout."""
+    NaN (an element left unwritten shows), in grad_layout. gather: "tiled" or "per-thread", or
+    (path, threads) for the tiled gather with another block size; expect_path: the path (0 tiled,
+    1 per-thread) the launcher must take."""
     n = s.shape[0]
     grads = [make_layout(torch.full(s.shape, float("nan")), grad_layout) if w else None for w in want]
     stats = torch.full((n * size[0] * size[1] * 5,), float("nan"))
     target_strides = None if target is None else _i64(target.stride())
-    lib.resized_pixel_kl_host_backward(
+    taken = lib.resized_pixel_kl_host_backward(
         _ptr(s), _i64(s.stride()), _ptr(t), _i64(t.stride()), _i64([*s.shape, *size]),
         int(align_corners), tau, _ptr(target), target_strides, ignore_index, grad_loss, num_valid,
         _ptr(grads[0]), None if grads[0] is None else _i64(grads[0].stride()),
-        _ptr(grads[1]), None if grads[1] is None else _i64(grads[1].stride()), _ptr(stats))
+        _ptr(grads[1]), None if grads[1] is None else _i64(grads[1].stride()), _ptr(stats),
+        *(PATHS[gather] if isinstance(gather, str) else gather))
+    if expect_path is not None:
+        assert taken == expect_path, f"the launcher took path {taken}, not {expect_path}"
     return grads[0], grads[1]
 
 
@@ -207,13 +220,15 @@ def test_readers_are_exactly_the_outputs_that_read(host, align_corners):
 # The kernels' work against the reference
 
 
+@pytest.mark.parametrize("gather", GATHER)
 @pytest.mark.parametrize("align_corners", ALIGN)
 @pytest.mark.parametrize("shape,size", RESIZE_CASES)
 @pytest.mark.parametrize("with_target", [False, True], ids=["no-target", "target"])
-def test_matches_reference(host, shape, size, align_corners, with_target):
+def test_matches_reference(host, shape, size, align_corners, with_target, gather):
     s, t = make_logits(shape)
     target = make_target(shape[0], size, shape[1]) if with_target else None
-    loss, count, grad_s, grad_t = host_loss_and_grads(host, s, t, 1.0, target, size, align_corners)
+    loss, count, grad_s, grad_t = host_loss_and_grads(host, s, t, 1.0, target, size, align_corners,
+                                                      gather=gather)
     expected, grad_s_ref, grad_t_ref = reference_loss_and_grads(s, t, 1.0, target, size, align_corners)
     assert relative_error(torch.tensor(loss), expected) <= 1e-5, (loss, expected.item())
     assert count == (shape[0] * size[0] * size[1] if target is None else int((target != 255).sum()))
@@ -222,16 +237,17 @@ def test_matches_reference(host, shape, size, align_corners, with_target):
     assert_grad_close(grad_t, grad_t_ref, 1e-5, "teacher", unit)
 
 
+@pytest.mark.parametrize("gather", GATHER)
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
 @pytest.mark.parametrize("align_corners", ALIGN)
-def test_any_strides(host, layout, align_corners):
+def test_any_strides(host, layout, align_corners, gather):
     """Inputs, target and gradients of other layouts (a strided target too): the same values."""
     shape, size = (2, 5, 3, 7), (8, 11)
     s, t = make_logits(shape)
     target = make_layout(make_target(2, size, 5), "strided" if layout == "strided" else "contiguous")
     a, b = make_layout(s, layout), make_layout(t, layout)
     loss, count, grad_s, grad_t = host_loss_and_grads(host, a, b, 1.0, target, size, align_corners,
-                                                      grad_layout=layout)
+                                                      grad_layout=layout, gather=gather)
     expected, grad_s_ref, grad_t_ref = reference_loss_and_grads(s, t, 1.0, target, size, align_corners)
     assert relative_error(torch.tensor(loss), expected) <= 1e-5
     unit = gradient_unit(size, 2, 1.0, target)
@@ -253,13 +269,15 @@ def test_tau_and_grad_loss(host, tau):
     assert_grad_close(grad_t, 2.5 * grad_t_ref, 1e-5, "teacher", unit)
 
 
+@pytest.mark.parametrize("gather", GATHER)
 @pytest.mark.parametrize("wanted", ["student", "teacher"])
-def test_one_gradient_requested(host, wanted):
+def test_one_gradient_requested(host, wanted, gather):
     shape, size = (2, 3, 4, 5), (9, 12)
     s, t = make_logits(shape)
     _, count = host_forward(host, s, t, 1.0, None, size, False)
     want = (wanted == "student", wanted == "teacher")
-    grad_s, grad_t = host_backward(host, s, t, 1.0, None, size, False, 1.0, count, want=want)
+    grad_s, grad_t = host_backward(host, s, t, 1.0, None, size, False, 1.0, count, want=want,
+                                   gather=gather)
     _, grad_s_ref, grad_t_ref = reference_loss_and_grads(s, t, 1.0, None, size, False)
     unit = gradient_unit(size, 2, 1.0, None)
     if wanted == "student":
@@ -268,6 +286,28 @@ def test_one_gradient_requested(host, wanted):
     else:
         assert grad_s is None
         assert_grad_close(grad_t, grad_t_ref, 1e-5, "teacher", unit)
+
+
+@pytest.mark.parametrize("align_corners", ALIGN)
+@pytest.mark.parametrize("shape,size,path", [
+    pytest.param((1, 3, 2, 40), (3, 2000), 0, id="tiles-halved-40x50"),
+    pytest.param((1, 2, 2, 3), (3, 2000), 1, id="per-thread-fallback-3-to-2000"),
+    pytest.param((2, 3, 3, 300), (5, 301), 0, id="several-tiles-w300"),
+])
+def test_launcher_paths(host, shape, size, path, align_corners):
+    """The launcher's choice: tiles halved until their span fits, the per-thread gather when not
+    even one column's readers fit, several tiles of 256 columns per row; each against the
+    reference."""
+    s, t = make_logits(shape)
+    target = make_target(shape[0], size, shape[1])
+    loss, count = host_forward(host, s, t, 1.0, target, size, align_corners)
+    grad_s, grad_t = host_backward(host, s, t, 1.0, target, size, align_corners, 1.0, count,
+                                   expect_path=path)
+    expected, grad_s_ref, grad_t_ref = reference_loss_and_grads(s, t, 1.0, target, size, align_corners)
+    assert relative_error(torch.tensor(loss), expected) <= 1e-5
+    unit = gradient_unit(size, shape[0], 1.0, target)
+    assert_grad_close(grad_s, grad_s_ref, 1e-5, "student", unit)
+    assert_grad_close(grad_t, grad_t_ref, 1e-5, "teacher", unit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,8 +348,9 @@ def test_channel_masked_at_minus_1e4(host, align_corners, masked):
     assert relative_error(grad_t, grad_t_ref) <= 1e-5
 
 
+@pytest.mark.parametrize("gather", GATHER)
 @pytest.mark.parametrize("align_corners", ALIGN)
-def test_teacher_minus_inf_is_probability_zero(host, align_corners):
+def test_teacher_minus_inf_is_probability_zero(host, align_corners, gather):
     """A teacher −inf at an input pixel is p = 0 at every output that reads it (nonzero weight):
     finite loss and gradients, equal to the oracle's; with the student −inf there too."""
     shape, size = (2, 5, 4, 6), (13, 11)
@@ -321,7 +362,8 @@ def test_teacher_minus_inf_is_probability_zero(host, align_corners):
         s_case = s.clone()
         if student_too:
             s_case[t == float("-inf")] = float("-inf")
-        loss, _, grad_s, grad_t = host_loss_and_grads(host, s_case, t, 1.0, None, size, align_corners)
+        loss, _, grad_s, grad_t = host_loss_and_grads(host, s_case, t, 1.0, None, size, align_corners,
+                                                      gather=gather)
         expected, grad_s_ref, grad_t_ref = resized_oracle(s_case, t, 1.0, None, size, align_corners)
         assert torch.isfinite(torch.tensor(loss))
         assert relative_error(torch.tensor(loss), expected) <= 1e-5, (loss, expected.item())
@@ -338,9 +380,10 @@ def test_student_minus_inf_gives_infinite_loss(host):
     assert loss == float("inf")
 
 
+@pytest.mark.parametrize("gather", GATHER)
 @pytest.mark.parametrize("align_corners", ALIGN)
 @pytest.mark.parametrize("fill", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
-def test_input_read_only_by_ignored_pixels_reaches_nothing(host, align_corners, fill):
+def test_input_read_only_by_ignored_pixels_reaches_nothing(host, align_corners, fill, gather):
     """NaN/±inf at an input pixel whose every reader (nonzero weight) is ignored: loss and
     gradients equal the clean inputs' oracle, and that pixel's gradients are exactly 0."""
     shape, size = (2, 3, 5, 6), (17, 19)
@@ -350,7 +393,8 @@ def test_input_read_only_by_ignored_pixels_reaches_nothing(host, align_corners, 
     expected, grad_s_ref, grad_t_ref = resized_oracle(s, t, 1.0, target, size, align_corners)
     s[:, :, pixel[0], pixel[1]] = fill
     t[:, :, pixel[0], pixel[1]] = fill
-    loss, _, grad_s, grad_t = host_loss_and_grads(host, s, t, 1.0, target, size, align_corners)
+    loss, _, grad_s, grad_t = host_loss_and_grads(host, s, t, 1.0, target, size, align_corners,
+                                                  gather=gather)
     assert relative_error(torch.tensor(loss), expected) <= 1e-5
     assert torch.isfinite(grad_s).all() and torch.isfinite(grad_t).all()
     assert relative_error(grad_s, grad_s_ref) <= 1e-5
@@ -358,12 +402,14 @@ def test_input_read_only_by_ignored_pixels_reaches_nothing(host, align_corners, 
     assert not grad_s[:, :, pixel[0], pixel[1]].any() and not grad_t[:, :, pixel[0], pixel[1]].any()
 
 
-def test_all_pixels_ignored_with_nan_inputs(host):
+@pytest.mark.parametrize("gather", GATHER)
+def test_all_pixels_ignored_with_nan_inputs(host, gather):
     """Every output ignored, NaN logits: loss 0, count 0, gradients exactly 0."""
     shape, size = (2, 3, 4, 5), (9, 7)
     s = torch.full(shape, float("nan"))
     t = torch.full(shape, float("nan"))
     target = torch.full((2, *size), 255)
-    loss, count, grad_s, grad_t = host_loss_and_grads(host, s, t, 1.0, target, size, False)
+    loss, count, grad_s, grad_t = host_loss_and_grads(host, s, t, 1.0, target, size, False,
+                                                      gather=gather)
     assert loss == 0.0 and count == 0
     assert torch.equal(grad_s, torch.zeros(shape)) and torch.equal(grad_t, torch.zeros(shape))
