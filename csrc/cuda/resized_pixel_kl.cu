@@ -174,8 +174,8 @@ __global__ void __launch_bounds__(kThreads)
                                    const resized::GatherTiles tiles) {
   constexpr int K = resized::kChannelsPerItem;
   constexpr int R = resized::kRowsPerBlock;
-  __shared__ float shared_s[resized::kMaxSpan * K];
-  __shared__ float shared_t[resized::kMaxSpan * K];
+  __shared__ float shared_s[resized::kSpanPitch * K];
+  __shared__ float shared_t[resized::kSpanPitch * K];
   const int64_t num_valid = *p.num_valid;
   const float scale = p.tau * *p.grad_loss / static_cast<float>(num_valid > 0 ? num_valid : 1);
   const int64_t blocks = resized::gather_blocks(p, tiles);

@@ -281,7 +281,15 @@ KDOPS_UNROLL
 // about 1.5× the forward's work where the per-thread form does 4×. The sums run in a fixed order
 // (x ascending within S, y ascending across rows): bitwise reproducible.
 constexpr int kRowsPerBlock = 2;  // input rows per block
-constexpr int kMaxSpan = 1280;    // output columns per tile: 2·K·kMaxSpan floats of shared memory
+constexpr int kMaxSpan = 1280;    // output columns per tile
+// Shared memory: for each of the K channels a plane of kMaxSpan gradients, one pad word after
+// every 32, so that step 2's reads — thread j of a warp at column f·j + c at an f× upsampling —
+// hit each bank at most twice for f ≤ 32 (without the pad: f ways for f = 2…8, e.g. 8 at the
+// usual 8×); 2·K·kSpanPitch floats in all.
+constexpr int kSpanPitch = kMaxSpan + kMaxSpan / 32;
+
+// The shared-memory slot of output column x_begin + offset at channel c0 + k.
+KDOPS_HD int64_t span_slot(int64_t offset, int k) { return k * kSpanPitch + offset + offset / 32; }
 
 // Tiles of input columns: `cols` per tile, `per_row` tiles per input row.
 struct GatherTiles {
@@ -358,18 +366,18 @@ KDOPS_HD bool gather_row_read(const GatherBlock& b, const BilinearTap& ty) {
 }
 
 // Step 1 for output pixel (b.n, y, x): its gradients at channels c0 … c0 + K − 1 into
-// shared_s/shared_t[(x − x_begin)·K + k] (0 at an ignored pixel and past the last channel).
+// shared_s/shared_t at span_slot(x − x_begin, k) (0 at an ignored pixel and past the last
+// channel).
 template <typename T>
 KDOPS_HD void gather_output_grads(const ResizedPixelKLBackwardParams& p, const GatherBlock& b,
                                   int64_t y, const BilinearTap& ty, int64_t x, float scale,
                                   float* shared_s, float* shared_t) {
   constexpr int K = kChannelsPerItem;
-  float* out_s = shared_s + (x - b.x_begin) * K;
-  float* out_t = shared_t + (x - b.x_begin) * K;
+  const int64_t offset = x - b.x_begin;
   const bool want_s = p.grad_student != nullptr, want_t = p.grad_teacher != nullptr;
   if (!output_valid(p, b.n, y, x)) {
 KDOPS_UNROLL
-    for (int k = 0; k < K; ++k) out_s[k] = out_t[k] = 0.f;
+    for (int k = 0; k < K; ++k) shared_s[span_slot(offset, k)] = shared_t[span_slot(offset, k)] = 0.f;
     return;
   }
   const KLRowStats<float> stats =
@@ -392,8 +400,8 @@ KDOPS_UNROLL
         gt = kl_grad_teacher(xs_c, xt_c, stats, p.inv_tau, scale);
       }
     }
-    out_s[k] = gs;
-    out_t[k] = gt;
+    shared_s[span_slot(offset, k)] = gs;
+    shared_t[span_slot(offset, k)] = gt;
   }
 }
 
@@ -411,12 +419,11 @@ KDOPS_UNROLL
   for (int64_t x = xs.begin; x < xs.end; ++x) {
     const float wx = bilinear_weight(bilinear_tap(p.cols, x), j);
     if (wx == 0.f) continue;
-    const float* gs = shared_s + (x - b.x_begin) * K;
-    const float* gt = shared_t + (x - b.x_begin) * K;
+    const int64_t offset = x - b.x_begin;
 KDOPS_UNROLL
     for (int k = 0; k < K; ++k) {
-      sum_s[k] += wx * gs[k];
-      sum_t[k] += wx * gt[k];
+      sum_s[k] += wx * shared_s[span_slot(offset, k)];
+      sum_t[k] += wx * shared_t[span_slot(offset, k)];
     }
   }
 KDOPS_UNROLL

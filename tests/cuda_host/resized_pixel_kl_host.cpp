@@ -115,7 +115,7 @@ int resized_pixel_kl_host_backward(const float* student, const int64_t* student_
     // barriers: step 1 for every x of the span, then step 2 for every column of the tile.
     constexpr int K = rz::kChannelsPerItem;
     constexpr int R = rz::kRowsPerBlock;
-    std::vector<float> shared_s(rz::kMaxSpan * K), shared_t(rz::kMaxSpan * K);
+    std::vector<float> shared_s(rz::kSpanPitch * K), shared_t(rz::kSpanPitch * K);
     using Acc = float[R][K];
     std::vector<Acc> acc_s(tiles.cols), acc_t(tiles.cols);
     const int64_t blocks = rz::gather_blocks(p, tiles);
