@@ -66,7 +66,7 @@ def host():
     os.makedirs(build, exist_ok=True)
     library = os.path.join(build, f"resized_pixel_kl_host_{os.getpid()}.so")
     command = [CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-Wall",
-               "-Werror", "-I", os.path.join(ROOT, "csrc"), "-I", CUDA_INCLUDE, "-o", library, SOURCE]
+               "-I", os.path.join(ROOT, "csrc"), "-I", CUDA_INCLUDE, "-o", library, SOURCE]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}"
     lib = ctypes.CDLL(library)
