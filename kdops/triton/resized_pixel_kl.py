@@ -31,6 +31,11 @@ so it is recomputed by both owners; an output column shared by two column blocks
 Ignored pixels' gradients are replaced by zeros (a select, never a multiplication by 0) before
 they are summed, so NaN in their logits reaches nothing.
 
+Anchored (shift-safe), as the reference: each output pixel interpolates its corners' x − a, a
+the largest finite logit over C at its corner (y0, x0) (``_anchors``: an (N, h, w) float32
+tensor per input, 1/C of its size), so the rounding happens at the magnitude of x − a, not of
+x (logits with a common offset of 1e4 keep float32 accuracy); the softmax ignores the shift.
+
 Source positions: exact integer arithmetic, as the reference's bilinear_source (src = a/b,
 i0 = a div b, λ = (a mod b)/b): λ is exactly 0 wherever a position hits an input sample, so
 a weight-0 neighbour is never read, whatever the compiler fuses.
@@ -108,11 +113,11 @@ def _lerp(a, b, weight):
 
 
 @triton.jit
-def _resized_logits(ptr, row0, row1, col0, col1, weight_y, weight_x, channel_offsets, mask):
-    """Float32 logits interpolated at a [pixels, channels] tile: rows first (a(j) along y at
-    input columns x0 and x1), then columns, as the reference. row*/col* are element offsets
-    (image included), weights λy, λx; all broadcastable to the tile. Corners of weight 0 are not
-    loaded."""
+def _resized_logits(ptr, row0, row1, col0, col1, weight_y, weight_x, anchor, channel_offsets, mask):
+    """Float32 logits interpolated at a [pixels, channels] tile, less each pixel's anchor: rows
+    first (a(j) along y at input columns x0 and x1), then columns, as the reference, on the
+    corners' x − anchor (shift-safe). row*/col* are element offsets (image included), weights
+    λy, λx and the anchor broadcastable to the tile. Corners of weight 0 are not loaded."""
     # Weights broadcast to the tile before they are compared (triton 3.9's interpreter mis-types
     # a 1-element boolean broadcast into a tile).
     read_y1 = tl.where(mask, weight_y, 0.0) > 0
@@ -123,13 +128,17 @@ def _resized_logits(ptr, row0, row1, col0, col1, weight_y, weight_x, channel_off
     v11 = tl.load(
         ptr + row1 + col1 + channel_offsets, mask=read_y1 & read_x1, other=0.0
     ).to(tl.float32)
-    return _lerp(_lerp(v00, v10, weight_y), _lerp(v01, v11, weight_y), weight_x)
+    return _lerp(
+        _lerp(v00 - anchor, v10 - anchor, weight_y), _lerp(v01 - anchor, v11 - anchor, weight_y),
+        weight_x,
+    )
 
 
 @triton.jit
 def _resized_chunk(
     s_ptr, t_ptr, s_rows0, s_rows1, s_cols0, s_cols1, t_rows0, t_rows1, t_cols0, t_cols1,
-    weight_y, weight_x, s_stride_c, t_stride_c, c0, C, pixel_mask, BLOCK_C: tl.constexpr,
+    weight_y, weight_x, s_anchor, t_anchor, s_stride_c, t_stride_c, c0, C, pixel_mask,
+    BLOCK_C: tl.constexpr,
 ):
     """Channels [c0, c0 + BLOCK_C) of a tile of output pixels, interpolated (0 outside the
     tensor): (s, t, channels (int64), channel mask, element mask)."""
@@ -138,11 +147,11 @@ def _resized_chunk(
     mask = pixel_mask[:, None] & channel_mask[None, :]
     channels = channels.to(tl.int64)
     s = _resized_logits(
-        s_ptr, s_rows0, s_rows1, s_cols0, s_cols1, weight_y, weight_x,
+        s_ptr, s_rows0, s_rows1, s_cols0, s_cols1, weight_y, weight_x, s_anchor,
         (channels * s_stride_c)[None, :], mask,
     )
     t = _resized_logits(
-        t_ptr, t_rows0, t_rows1, t_cols0, t_cols1, weight_y, weight_x,
+        t_ptr, t_rows0, t_rows1, t_cols0, t_cols1, weight_y, weight_x, t_anchor,
         (channels * t_stride_c)[None, :], mask,
     )
     return s, t, channels, channel_mask, mask
@@ -151,7 +160,7 @@ def _resized_chunk(
 @triton.jit
 def _resized_stats(
     s_ptr, t_ptr, s_rows0, s_rows1, s_cols0, s_cols1, t_rows0, t_rows1, t_cols0, t_cols1,
-    weight_y, weight_x, s_stride_c, t_stride_c, C, pixel_mask, c,
+    weight_y, weight_x, s_anchor, t_anchor, s_stride_c, t_stride_c, C, pixel_mask, c,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per output pixel of a tile: the statistics (m_s, Σ_s, m_t, Σ_t, cross) of its
@@ -164,7 +173,8 @@ def _resized_stats(
     for c0 in range(0, C, BLOCK_C):
         s, t, _, channel_mask, _ = _resized_chunk(
             s_ptr, t_ptr, s_rows0, s_rows1, s_cols0, s_cols1, t_rows0, t_rows1, t_cols0, t_cols1,
-            weight_y, weight_x, s_stride_c, t_stride_c, c0, C, pixel_mask, BLOCK_C,
+            weight_y, weight_x, s_anchor, t_anchor, s_stride_c, t_stride_c, c0, C, pixel_mask,
+            BLOCK_C,
         )
         cm_s, csum_s, cm_t, csum_t, ccross = _pixel_chunk_stats(s, t, channel_mask, c)
         m_s, sum_s, m_t, sum_t, cross = _merged(
@@ -189,7 +199,7 @@ def _column_sums(g, x0, x1, weight_x, j):
 
 @triton.jit
 def _resized_pixel_kl_forward_kernel(
-    s_ptr, t_ptr, target_ptr, kl_partials_ptr, count_partials_ptr,
+    s_ptr, t_ptr, target_ptr, s_anchor_ptr, t_anchor_ptr, kl_partials_ptr, count_partials_ptr,
     C, in_h, in_w, out_h, out_w, num_p_tiles,
     s_stride_n, s_stride_c, s_stride_h, s_stride_w, t_stride_n, t_stride_c, t_stride_h, t_stride_w,
     target_stride_n, target_stride_h, target_stride_w, ignore_index, log2e_over_tau,
@@ -213,14 +223,17 @@ def _resized_pixel_kl_forward_kernel(
         target_ptr, n * target_stride_n + y * target_stride_h + x * target_stride_w, pixel_mask,
         ignore_index, HAS_TARGET,
     )
+    anchor_offsets = (n * in_h + y0) * in_w + x0
+    s_anchor = tl.load(s_anchor_ptr + anchor_offsets, mask=pixel_mask, other=0.0)[:, None]
+    t_anchor = tl.load(t_anchor_ptr + anchor_offsets, mask=pixel_mask, other=0.0)[:, None]
     _, sum_s, _, sum_t, cross = _resized_stats(
         s_ptr, t_ptr,
         (n * s_stride_n + y0 * s_stride_h)[:, None], (n * s_stride_n + y1 * s_stride_h)[:, None],
         (x0 * s_stride_w)[:, None], (x1 * s_stride_w)[:, None],
         (n * t_stride_n + y0 * t_stride_h)[:, None], (n * t_stride_n + y1 * t_stride_h)[:, None],
         (x0 * t_stride_w)[:, None], (x1 * t_stride_w)[:, None],
-        weight_y[:, None], weight_x[:, None], s_stride_c, t_stride_c, C, pixel_mask,
-        log2e_over_tau, BLOCK_P, BLOCK_C,
+        weight_y[:, None], weight_x[:, None], s_anchor, t_anchor, s_stride_c, t_stride_c, C,
+        pixel_mask, log2e_over_tau, BLOCK_P, BLOCK_C,
     )
     _, _, kl2 = _kl_from_stats(sum_s, sum_t, cross)
     tl.store(kl_partials_ptr + pid, tl.sum(tl.where(valid, kl2, 0.0), 0) * _LN2)
@@ -229,7 +242,8 @@ def _resized_pixel_kl_forward_kernel(
 
 @triton.jit
 def _resized_pixel_kl_backward_kernel(
-    grad_loss_ptr, num_valid_ptr, s_ptr, t_ptr, target_ptr, grad_s_ptr, grad_t_ptr,
+    grad_loss_ptr, num_valid_ptr, s_ptr, t_ptr, target_ptr, s_anchor_ptr, t_anchor_ptr,
+    grad_s_ptr, grad_t_ptr,
     C, in_h, in_w, out_h, out_w, num_j_blocks,
     s_stride_n, s_stride_c, s_stride_h, s_stride_w, t_stride_n, t_stride_c, t_stride_h, t_stride_w,
     target_stride_n, target_stride_h, target_stride_w,
@@ -292,6 +306,9 @@ def _resized_pixel_kl_backward_kernel(
                     target_ptr, target_row + xs.to(tl.int64) * target_stride_w, lane_mask,
                     ignore_index, HAS_TARGET,
                 )
+                anchor_offsets = (n * in_h + y0) * in_w + x0
+                s_anchor = tl.load(s_anchor_ptr + anchor_offsets, mask=lane_mask, other=0.0)[:, None]
+                t_anchor = tl.load(t_anchor_ptr + anchor_offsets, mask=lane_mask, other=0.0)[:, None]
                 s_cols0 = (x0.to(tl.int64) * s_stride_w)[:, None]
                 s_cols1 = (x1.to(tl.int64) * s_stride_w)[:, None]
                 t_cols0 = (x0.to(tl.int64) * t_stride_w)[:, None]
@@ -299,7 +316,7 @@ def _resized_pixel_kl_backward_kernel(
                 if NUM_C_CHUNKS == 1:
                     s, t, _, channel_mask, _ = _resized_chunk(
                         s_ptr, t_ptr, s_row0, s_row1, s_cols0, s_cols1,
-                        t_row0, t_row1, t_cols0, t_cols1, weight_y, weight_x[:, None],
+                        t_row0, t_row1, t_cols0, t_cols1, weight_y, weight_x[:, None], s_anchor, t_anchor,
                         s_stride_c, t_stride_c, 0, C, lane_mask, BLOCK_C,
                     )
                     m_s, sum_s, m_t, sum_t, cross = _pixel_chunk_stats(
@@ -308,12 +325,12 @@ def _resized_pixel_kl_backward_kernel(
                 else:
                     m_s, sum_s, m_t, sum_t, cross = _resized_stats(
                         s_ptr, t_ptr, s_row0, s_row1, s_cols0, s_cols1,
-                        t_row0, t_row1, t_cols0, t_cols1, weight_y, weight_x[:, None],
+                        t_row0, t_row1, t_cols0, t_cols1, weight_y, weight_x[:, None], s_anchor, t_anchor,
                         s_stride_c, t_stride_c, C, lane_mask, log2e_over_tau, BLOCK_X, BLOCK_C,
                     )
                     s, t, _, _, _ = _resized_chunk(
                         s_ptr, t_ptr, s_row0, s_row1, s_cols0, s_cols1,
-                        t_row0, t_row1, t_cols0, t_cols1, weight_y, weight_x[:, None],
+                        t_row0, t_row1, t_cols0, t_cols1, weight_y, weight_x[:, None], s_anchor, t_anchor,
                         s_stride_c, t_stride_c, own_c0, C, lane_mask, BLOCK_C,
                     )
                 log2_zs, log2_zt, kl2 = _kl_from_stats(sum_s, sum_t, cross)
@@ -438,7 +455,7 @@ def _forward(
     count_partials = new_buffer(grid, torch.int32, student.device)
     with device_guard(student):
         _resized_pixel_kl_forward_kernel[grid](
-            student, teacher, target, kl_partials, count_partials,
+            student, teacher, target, _anchors(student), _anchors(teacher), kl_partials, count_partials,
             c, in_h, in_w, out_h, out_w, num_p_tiles, *student.stride(), *teacher.stride(),
             *_target_args(target)[1:], ignore_index, LOG2E / tau,
             ALIGN_CORNERS=align_corners, WIDE_POSITIONS=_wide_positions(rows, cols),
@@ -449,6 +466,15 @@ def _forward(
     num_valid = count_partials.sum(dtype=torch.int64)
     loss = kl_partials.sum() * (tau * tau) / num_valid.clamp(min=1)
     return loss, num_valid
+
+
+def _anchors(x: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) float32: each input pixel's largest finite logit over C, 0 when none is (the
+    anchor of the output pixels whose corner (y0, x0) it is; reference: bilinear_resize
+    anchored). 1/C of the input's size."""
+    finite = torch.where(torch.isfinite(x), x, torch.full((), -math.inf, dtype=x.dtype, device=x.device))
+    peak = finite.amax(dim=1).float()
+    return torch.where(torch.isfinite(peak), peak, torch.zeros((), device=x.device)).contiguous()
 
 
 def _backward_blocks(c: int, cols: _Axis) -> tuple[int, int, int]:
@@ -491,7 +517,8 @@ def _backward(
     unused = (0, 0, 0, 0)
     with device_guard(student):
         _resized_pixel_kl_backward_kernel[grid](
-            grad_loss, num_valid, student, teacher, target, grad_student, grad_teacher,
+            grad_loss, num_valid, student, teacher, target, _anchors(student), _anchors(teacher),
+            grad_student, grad_teacher,
             c, in_h, in_w, out_h, out_w, num_j_blocks, *student.stride(), *teacher.stride(),
             *_target_args(target)[1:],
             *(grad_student.stride() if student_requires_grad else unused),

@@ -112,20 +112,48 @@ def pixel_kl_oracle(s, t, tau, target, ignore_index, input_errors=None):
     return loss, shaped(gs), shaped(gt), loss_condition, shaped(gsc), shaped(gtc)
 
 
+def anchored_spread(x, size, align_corners):
+    """(N, C, H, W): per output pixel (the same over C), the largest finite |corner − anchor| over
+    its corners of positive weight and the channels; anchor as the reference's bilinear_resize."""
+    (h, w), (out_h, out_w) = x.shape[-2:], size
+    y0, y1, wy = ref_softmax_kl.bilinear_source(h, out_h, align_corners, torch.float64, x.device)
+    x0, x1, wx = ref_softmax_kl.bilinear_source(w, out_w, align_corners, torch.float64, x.device)
+    first = x[:, :, y0][:, :, :, x0]
+    peak = torch.where(torch.isfinite(first), first, torch.full_like(first, -math.inf)).amax(dim=1, keepdim=True)
+    a = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    spread = torch.zeros_like(a)
+    for rows, row_weight in ((y0, None), (y1, wy)):
+        for cols, col_weight in ((x0, None), (x1, wx)):
+            corner = x[:, :, rows][:, :, :, cols]
+            deviation = torch.where(torch.isfinite(corner), (corner - a).abs(), torch.zeros_like(corner))
+            read = torch.ones(out_h, out_w, dtype=torch.bool)
+            if row_weight is not None:
+                read = read & (row_weight > 0)[:, None]
+            if col_weight is not None:
+                read = read & (col_weight > 0)[None, :]
+            spread = torch.maximum(spread, torch.where(read, deviation, 0).amax(dim=1, keepdim=True))
+    return spread.expand(x.shape[0], x.shape[1], out_h, out_w)
+
+
 def resized_pixel_kl_oracle(s, t, tau, target, ignore_index, size, align_corners):
     """pixel_kl of the logits resized to ``size`` (float64, the reference's bilinear_resize),
     with the gradients taken back through the resize (its transpose, R ≥ 0 elementwise).
 
-    Condition: each resized logit is a two-step lerp of ≤ 4 values whose weights carry one
-    rounding each (λ = (a mod b)/b): off by ≤ 12·u·R|x|. The transposed
+    Condition: each resized logit is a two-step lerp of ≤ 4 corner values, taken relative to an
+    anchor (a logit of one of its corners; the reference takes the largest at (y0, x0), other
+    backends may take another corner's), whose weights carry one rounding each (λ = (a mod b)/b):
+    off by ≤ 12·u·2D, D the pixel's largest finite |corner − reference anchor| (2D bounds the
+    spread against any corner's anchor). The transposed
     resize sums ≤ (2⌈H/h⌉ + 2)(2⌈W/w⌉ + 2) terms per input element: its round-off is that many u
     of Rᵀ|g|.
     """
     s, t = s.double(), t.double()
     resize = lambda x: ref_softmax_kl.bilinear_resize(x, size, align_corners)  # noqa: E731
-    finite_abs = lambda x: torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x))  # noqa: E731
-    errors = (12 * resize(finite_abs(s)), 12 * resize(finite_abs(t)))
-    loss, gs, gt, loss_k, gs_k, gt_k = pixel_kl_oracle(resize(s), resize(t), tau, target, ignore_index, errors)
+    # The values anchored too: float64 logits of 1e4 resized raw would round at 1e-12, more than
+    # a float64 kernel may be off.
+    anchored = lambda x: ref_softmax_kl.bilinear_resize(x, size, align_corners, anchored=True)  # noqa: E731
+    errors = (24 * anchored_spread(s, size, align_corners), 24 * anchored_spread(t, size, align_corners))
+    loss, gs, gt, loss_k, gs_k, gt_k = pixel_kl_oracle(anchored(s), anchored(t), tau, target, ignore_index, errors)
     terms = math.prod(2 * math.ceil(out / inp) + 2 for out, inp in zip(size, s.shape[2:]))
     _, transpose = torch.func.vjp(resize, torch.zeros_like(s))
     back = lambda g: transpose(g)[0]  # noqa: E731

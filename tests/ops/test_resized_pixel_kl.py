@@ -140,6 +140,25 @@ def test_teacher_minus_inf_is_probability_zero(device, backend, align_corners):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("offset", [1e3, 1e4], ids=["plus-1e3", "plus-1e4"])
+@pytest.mark.parametrize("align_corners", ALIGN)
+def test_large_offset_logits(device, backend, offset, align_corners):
+    """Shift-safe through the resize: logits with a common offset keep float32 accuracy (the
+    interpolation rounds at the magnitude of x − anchor, not of x)."""
+    s, t = make_pair((2, 5, 3, 4), torch.float32, "contiguous", device)
+    check(backend, s + offset, t + offset, 1.0, None, (7, 9), align_corners, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_masked_class_at_minus_1e4(device, backend):
+    """A class masked with a large finite negative logit is as harmless as −inf."""
+    s, t = make_pair((1, 4, 3, 4), torch.float32, "contiguous", device)
+    t[:, 2] = -1e4
+    s[:, 3] = -1e4
+    check(backend, s, t, 1.0, None, (8, 10), True, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_nan_in_inputs_read_only_by_ignored_pixels(device, backend):
     """NaN at an input pixel all of whose output pixels are ignored reaches nothing."""
     s, t = make_pair((1, 3, 4, 5), torch.float32, "contiguous", device)
