@@ -26,6 +26,11 @@ FEATURE_SHAPES = {
     "cpu": [(2, 512, 16, 32), (2, 256, 32, 64)],
 }
 NUM_CLASSES = 19
+# APD's logit KD: logits at stride 8 resized bilinearly (align_corners=True) to the labels.
+RESIZED_LOGIT_SHAPES = {
+    "cuda": [((8, 19, 64, 128), (512, 1024))],
+    "cpu": [((2, 19, 16, 32), (128, 256))],
+}
 # Attention baselines against the upstream code users run: SAD on two consecutive stages
 # (shallow, deep) and AT on one student/teacher pair.
 SAD_STAGE_SHAPES = {
@@ -264,6 +269,15 @@ def prototype_cases(device: str, dtype: torch.dtype) -> list[Case]:
 # the papers' code; kdops' targets are stated against these, eager and torch.compile).
 
 
+def upstream_apd_logit_kd(s: torch.Tensor, t: torch.Tensor, size, temperature: float = 1.0) -> torch.Tensor:
+    """APD ``CriterionKD``: both logits resized bilinearly (align_corners=True) to the labels,
+    then T²·``nn.KLDivLoss()`` (mean over N·C·H·W) of log_softmax(s/T) against softmax(t/T)."""
+    s = F.interpolate(s, size=size, mode="bilinear", align_corners=True)
+    t = F.interpolate(t, size=size, mode="bilinear", align_corners=True)
+    return F.kl_div(F.log_softmax(s / temperature, dim=1), F.softmax(t / temperature, dim=1),
+                    reduction="mean") * temperature**2
+
+
 def ickd_batch_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     """ICKD ``batch_loss``: row-normalised channel Grams (bmm), Σ (G_s − G_t)² / (C·N)."""
     bsz, ch = f_s.shape[0], f_s.shape[1]
@@ -335,6 +349,18 @@ def cases(device: str, dtypes: list[torch.dtype]) -> list[Case]:
             add("pixel_kl", shape, dtype, _pair(shape),
                 lambda s, t: ref_softmax_kl.pixel_kl(s, t, 1.0),
                 lambda s, t, backend: kdops.pixel_kl(s, t, 1.0, backend=backend))
+        for shape, size in RESIZED_LOGIT_SHAPES[device]:
+            # Minimal traffic: the low-resolution logits only (the resized ones are never stored).
+            out.append(Case(
+                name=f"pixel_kl[apd-resized {_shape_name(shape)}->{_shape_name(size)},"
+                     f"{str(dtype).removeprefix('torch.')}]",
+                op="pixel_kl", shape=f"{_shape_name(shape)}→{_shape_name(size)} vs APD CriterionKD",
+                dtype=dtype, make_inputs=_pair(shape),
+                reference=lambda s, t, size=size: upstream_apd_logit_kd(s, t, size),
+                public=lambda s, t, backend, size=size: kdops.pixel_kl(
+                    s, t, 1.0, size=size, align_corners=True, backend=backend) / s.shape[1],
+                bytes_fwd=2 * _nbytes(shape, dtype), bytes_fwd_bwd=5 * _nbytes(shape, dtype),
+            ))
         for shape in FEATURE_SHAPES[device]:
             add("attention_loss", shape, dtype, _pair(shape),
                 lambda s, t: ref_attention.attention_loss(s, t, 2.0, "sum", "softmax", None),

@@ -37,8 +37,10 @@ from kdops.backend import (
 OP_DOCS: dict[str, tuple[str, str, str]] = {
     "channel_kl": ("channel_kl(s, t, tau)", "τ² Σ_{n,c} KL(softmax_L(t/τ) ‖ softmax_L(s/τ)) / (N·C)",
                    "mmrazor `ChannelWiseDivergence`, CIRKD `CriterionCWD('channel','kl')`"),
-    "pixel_kl": ("pixel_kl(s, t, tau, target, ignore_index)",
-                 "τ² · mean over valid pixels of KL(softmax_C(t/τ) ‖ softmax_C(s/τ))", "CIRKD `CriterionKD`"),
+    "pixel_kl": ("pixel_kl(s, t, tau, target, ignore_index, size, align_corners)",
+                 "τ² · mean over valid pixels of KL(softmax_C(t/τ) ‖ softmax_C(s/τ)); with size, of the logits "
+                 "resized bilinearly to it (never stored)",
+                 "CIRKD `CriterionKD`, APD `CriterionKD`"),
     "attention_map": ("attention_map(x, p, reduce, norm, size)",
                       "Σ_c \\|x_c\\|^p (or mean), resized, then spatial softmax / L2 / none", "SAD, AT `at(x)`"),
     "attention_loss": ("attention_loss(s, t, p, reduce, norm, size)", "mean (A_s − A_t)² at the student's size",
