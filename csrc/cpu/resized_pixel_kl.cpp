@@ -9,11 +9,10 @@
 // channel and tile of output columns). A weight of exactly 0 never multiplies its value (a
 // blend), so a −inf logit stays a probability of 0 at the pixels that do not interpolate it.
 //
-// Anchored (shift-safe), as the reference: output pixel (y, x) interpolates x − a with a the
-// largest finite logit over C at its corner (y0, x0) — a_j for column j = x0 of the row y0. R is
-// therefore kept twice per column: against the column's own anchor (read as x0) and against
-// its left neighbour's (read as x1 = x0 + 1 by the pixels anchored there). The softmaxes are
-// unchanged by the per-pixel shift; the rounding happens at the magnitude of x − a.
+// Anchored (shift-safe), as the reference: every input pixel's logits are read less its anchor
+// a (the largest finite logit over C). An output pixel then comes out shifted by Σ w·a, the same
+// for all its channels, which the softmaxes ignore; the rounding happens at the magnitude of
+// x − a, not of x (logits at 1e4 keep float32 accuracy).
 //
 // Forward: one work item per output row (n, y): its tiles of kWidth output pixels go through
 // the pixel_kl tile state (one pass over C); per-item KL sums and counts are combined in a
@@ -67,16 +66,16 @@ ImageStrides strides4(const Tensor& x) {
   return {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
 }
 
-// The anchors of one input row r0 of one image: a[j] = the largest finite logit over C at
-// (r0, j), 0 when there is none.
+// The anchors of one input row r of one image: a[j] = the largest finite logit over C at
+// (r, j), 0 when there is none.
 template <typename scalar_t>
 void row_anchors(const scalar_t* x, const ImageStrides& st, int64_t channels, int64_t width,
-                 int64_t r0, acc_t<scalar_t>* anchors) {
+                 int64_t r, acc_t<scalar_t>* anchors) {
   using acc = acc_t<scalar_t>;
   const acc lowest = -std::numeric_limits<acc>::infinity();
   std::fill(anchors, anchors + width, lowest);
   for (int64_t c = 0; c < channels; ++c) {
-    const scalar_t* row = x + c * st.c + r0 * st.h;
+    const scalar_t* row = x + c * st.c + r * st.h;
     for (int64_t j = 0; j < width; ++j) {
       const acc value = static_cast<acc>(row[j * st.w]);
       if (std::isfinite(value) && value > anchors[j]) anchors[j] = value;
@@ -87,13 +86,12 @@ void row_anchors(const scalar_t* x, const ImageStrides& st, int64_t channels, in
   }
 }
 
-// For each channel, [own | left] (2·w values): own[j] = (1 − λ)·(x[c, r0, j] − a[j]) +
-// λ·(x[c, r1, j] − a[j]), left[j] the same against a[j − 1] (left[0] unused); λ = 0: the r1
-// term not read.
+// R[c][j] = (1 − λ)·(x[c, r0, j] − a0[j]) + λ·(x[c, r1, j] − a1[j]) for one image (λ = 0: the r1
+// term not read).
 template <typename scalar_t>
 void interpolate_rows(const scalar_t* x, const ImageStrides& st, int64_t channels, int64_t width,
-                      int64_t r0, int64_t r1, acc_t<scalar_t> weight, const acc_t<scalar_t>* anchors,
-                      acc_t<scalar_t>* out) {
+                      int64_t r0, int64_t r1, acc_t<scalar_t> weight, const acc_t<scalar_t>* a0,
+                      const acc_t<scalar_t>* a1, acc_t<scalar_t>* out) {
   using IO = VecIO<scalar_t>;
   using acc = acc_t<scalar_t>;
   using V = typename IO::V;
@@ -103,45 +101,26 @@ void interpolate_rows(const scalar_t* x, const ImageStrides& st, int64_t channel
   for (int64_t c = 0; c < channels; ++c) {
     const scalar_t* a = x + c * st.c + r0 * st.h;
     const scalar_t* b = x + c * st.c + r1 * st.h;
-    acc* own = out + 2 * c * width;
-    acc* left = own + width;
+    acc* row = out + c * width;
     if (st.w == 1) {
       for (int64_t j = 0; j < width; j += W) {
         const int64_t count = std::min(W, width - j);
-        const V top = IO::load(a + j, count);
-        const V bottom = second ? IO::load(b + j, count) : V(acc(0));
-        const auto lerp = [&](const V& anchor) {
-          return second ? w0 * (top - anchor) + w1 * (bottom - anchor) : top - anchor;
-        };
-        lerp(V::loadu(anchors + j, count)).store(own + j, count);
-        if (j == 0) {
-          // Lane k needs a[k − 1]; lane 0 (left[0], never read) takes a[0].
-          acc shifted[W];
-          shifted[0] = anchors[0];
-          std::copy(anchors, anchors + count - 1, shifted + 1);
-          lerp(V::loadu(shifted, count)).store(left, count);
-        } else {
-          lerp(V::loadu(anchors + j - 1, count)).store(left + j, count);
-        }
+        V value = IO::load(a + j, count) - V::loadu(a0 + j, count);
+        if (second) value = w0 * value + w1 * (IO::load(b + j, count) - V::loadu(a1 + j, count));
+        value.store(row + j, count);
       }
     } else {
       for (int64_t j = 0; j < width; ++j) {
-        const acc top = static_cast<acc>(a[j * st.w]);
-        const acc bottom = second ? static_cast<acc>(b[j * st.w]) : acc(0);
-        const auto lerp = [&](acc anchor) {
-          return second ? (acc(1) - weight) * (top - anchor) + weight * (bottom - anchor) : top - anchor;
-        };
-        own[j] = lerp(anchors[j]);
-        if (j > 0) left[j] = lerp(anchors[j - 1]);
+        const acc top = static_cast<acc>(a[j * st.w]) - a0[j];
+        row[j] = second ? (acc(1) - weight) * top + weight * (static_cast<acc>(b[j * st.w]) - a1[j]) : top;
       }
     }
   }
 }
 
 // Channel c of a tile of output pixels [x_begin, x_begin + W) of one output row, interpolated
-// from the rows [own | left] of interpolate_rows: (1 − λx)·own[x0] + λx·left[x1] (own[x1] at the
-// clamped last column, x1 = x0), λx = 0 not read. Lanes beyond the row repeat its last pixel
-// (valid logits; the tile's lane mask drops them).
+// from the row R (C × w): (1 − λx)·R[c][x0] + λx·R[c][x1], λx = 0 not read. Lanes beyond the
+// row repeat its last pixel (valid logits; the tile's lane mask drops them).
 template <typename scalar_t>
 struct ColumnTaps {
   using acc = acc_t<scalar_t>;
@@ -152,14 +131,13 @@ struct ColumnTaps {
   Index x0, x1;
   V w0, w1, reads_x1;
 
-  ColumnTaps(const AxisTaps<acc>& taps, int64_t x_begin, int64_t width_out, int64_t width_in) {
+  ColumnTaps(const AxisTaps<acc>& taps, int64_t x_begin, int64_t width_out) {
     at::vec::int_same_size_t<acc> i0[W], i1[W];
     acc l0[W], l1[W], mask[W];
     for (int64_t j = 0; j < W; ++j) {
       const int64_t x = std::min(x_begin + j, width_out - 1);
-      const int64_t second = taps.i1[x] > taps.i0[x] ? width_in + taps.i1[x] : taps.i0[x];
       i0[j] = static_cast<at::vec::int_same_size_t<acc>>(taps.i0[x]);
-      i1[j] = static_cast<at::vec::int_same_size_t<acc>>(second);
+      i1[j] = static_cast<at::vec::int_same_size_t<acc>>(taps.i1[x]);
       l1[j] = taps.weight[x];
       l0[j] = acc(1) - taps.weight[x];
       mask[j] = taps.weight[x] > acc(0) ? acc(1) : acc(0);
@@ -246,21 +224,23 @@ void interpolate_tile(const ColumnTaps<scalar_t>& taps, const acc_t<scalar_t>* r
                       acc_t<scalar_t>* tile_s, acc_t<scalar_t>* tile_t) {
   constexpr int64_t W = ColumnTaps<scalar_t>::W;
   for (int64_t c = 0; c < channels; ++c) {
-    taps(row_s + 2 * c * width).store(tile_s + c * W);
-    taps(row_t + 2 * c * width).store(tile_t + c * W);
+    taps(row_s + c * width).store(tile_s + c * W);
+    taps(row_t + c * width).store(tile_t + c * W);
   }
 }
 
-// The anchored rows [own | left] of output row y of image n, student and teacher.
+// The anchored rows R of output row y of image n, student and teacher (anchors: 2·w scratch).
 template <typename scalar_t>
 void output_rows(const ResizedView& v, const AxisTaps<acc_t<scalar_t>>& rows, int64_t n, int64_t y,
                  acc_t<scalar_t>* anchors, acc_t<scalar_t>* row_s, acc_t<scalar_t>* row_t) {
-  const scalar_t* s = v.s.const_data_ptr<scalar_t>() + n * v.ss.n;
-  const scalar_t* t = v.t.const_data_ptr<scalar_t>() + n * v.ts.n;
-  row_anchors(s, v.ss, v.c, v.w, rows.i0[y], anchors);
-  interpolate_rows(s, v.ss, v.c, v.w, rows.i0[y], rows.i1[y], rows.weight[y], anchors, row_s);
-  row_anchors(t, v.ts, v.c, v.w, rows.i0[y], anchors);
-  interpolate_rows(t, v.ts, v.c, v.w, rows.i0[y], rows.i1[y], rows.weight[y], anchors, row_t);
+  const int64_t r0 = rows.i0[y], r1 = rows.i1[y];
+  const auto one_side = [&](const scalar_t* x, const ImageStrides& st, acc_t<scalar_t>* row) {
+    row_anchors(x, st, v.c, v.w, r0, anchors);
+    if (r1 != r0) row_anchors(x, st, v.c, v.w, r1, anchors + v.w);
+    interpolate_rows(x, st, v.c, v.w, r0, r1, rows.weight[y], anchors, r1 != r0 ? anchors + v.w : anchors, row);
+  };
+  one_side(v.s.const_data_ptr<scalar_t>() + n * v.ss.n, v.ss, row_s);
+  one_side(v.t.const_data_ptr<scalar_t>() + n * v.ts.n, v.ts, row_t);
 }
 
 template <typename scalar_t>
@@ -276,10 +256,10 @@ void resized_pixel_kl_forward_kernel(const ResizedView& v, double tau, Tensor& l
   std::vector<acc> row_kl(items);
   std::vector<int64_t> row_valid(items);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> buf(4 * v.c * v.w + 2 * v.c * W + v.w);
+    std::vector<acc> buf(2 * v.c * v.w + 2 * v.c * W + 2 * v.w);
     acc* row_s = buf.data();
-    acc* row_t = row_s + 2 * v.c * v.w;
-    acc* tile_s = row_t + 2 * v.c * v.w;
+    acc* row_t = row_s + v.c * v.w;
+    acc* tile_s = row_t + v.c * v.w;
     acc* tile_t = tile_s + v.c * W;
     acc* anchors = tile_t + v.c * W;
     acc valid[W];
@@ -292,7 +272,7 @@ void resized_pixel_kl_forward_kernel(const ResizedView& v, double tau, Tensor& l
         const int64_t count = std::min(W, v.out_w - x);
         const int64_t lanes = v.valid_lanes(n, y, x, count, valid);
         if (lanes == 0) continue;
-        interpolate_tile(ColumnTaps<scalar_t>(cols, x, v.out_w, v.w), row_s, row_t, v.c, v.w, tile_s, tile_t);
+        interpolate_tile(ColumnTaps<scalar_t>(cols, x, v.out_w), row_s, row_t, v.c, v.w, tile_s, tile_t);
         const V kl = kl_of(tile_state(BufferedTile<scalar_t>{tile_s}, BufferedTile<scalar_t>{tile_t},
                                       v.c, V(inv_tau), nullptr, nullptr));
         // Blend, not multiply: an ignored pixel's KL may be anything, even inf or NaN.
@@ -365,10 +345,10 @@ void resized_pixel_kl_backward_kernel(const ResizedView& v, double tau, double s
   at::parallel_for(0, v.n * blocks, 1, [&](int64_t begin, int64_t end) {
     // rows of the inputs, the output row's gradients (C × W_out), their horizontal fold (C × w),
     // the owned input rows' gradient sums (C × kBlockRows × w), and the tile buffers.
-    std::vector<acc> buf(4 * cw + 2 * c_out + 2 * cw + 2 * v.c * kBlockRows * v.w + 4 * v.c * W + v.w);
+    std::vector<acc> buf(2 * cw + 2 * c_out + 2 * cw + 2 * v.c * kBlockRows * v.w + 4 * v.c * W + 2 * v.w);
     acc* row_s = buf.data();
-    acc* row_t = row_s + 2 * cw;
-    acc* out_gs = row_t + 2 * cw;
+    acc* row_t = row_s + cw;
+    acc* out_gs = row_t + cw;
     acc* out_gt = out_gs + c_out;
     acc* fold_s = out_gt + c_out;
     acc* fold_t = fold_s + cw;
@@ -401,7 +381,7 @@ void resized_pixel_kl_backward_kernel(const ResizedView& v, double tau, double s
             }
             continue;
           }
-          interpolate_tile(ColumnTaps<scalar_t>(cols, x, v.out_w, v.w), row_s, row_t, v.c, v.w, tile_s, tile_t);
+          interpolate_tile(ColumnTaps<scalar_t>(cols, x, v.out_w), row_s, row_t, v.c, v.w, tile_s, tile_t);
           const BufferedTile<scalar_t> xs{tile_s}, xt{tile_t};
           const KLState<V> state = tile_state(xs, xt, v.c, inv_tau_v, es, et);
           const KLRowStats<V> r = kl_finalize(state);

@@ -14,6 +14,10 @@
 // interpolation of the raw values rounds at ~1e-3) keep float32 accuracy where the probability
 // is, and a channel masked at −1e4 is as harmless as a −inf (its own difference rounds, at a
 // probability of e^{-1e4}): the shift-safe rule of softmax_kl.h carried through the resize.
+// The reference (bilinear_resize anchored) and the CPU and Triton kernels subtract each
+// corner's own anchor instead; both are exact shifts of the pixel's logits, so the two differ
+// in rounding only. One anchor per reader here: four cost the backward kernels 6 registers and
+// made them spill under their launch bounds.
 #pragma once
 
 #include <cmath>

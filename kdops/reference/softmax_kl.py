@@ -80,31 +80,33 @@ def _lerp(x0: torch.Tensor, x1: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     return (1 - weight) * x0 + torch.where(weight > 0, weight * x1, zero)
 
 
+def pixel_anchors(x: torch.Tensor) -> torch.Tensor:
+    """(N, 1, h, w): each pixel's largest finite value over C, 0 where none is finite
+    (constants: detached)."""
+    x = x.detach()
+    finite = torch.where(torch.isfinite(x), x, torch.full((), -math.inf, dtype=x.dtype, device=x.device))
+    peak = finite.amax(dim=1, keepdim=True)
+    return torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+
+
 def bilinear_resize(x: torch.Tensor, size, align_corners: bool, *, anchored: bool = False) -> torch.Tensor:
     """(N, C, h, w) → (N, C, H, W): ``F.interpolate(x, size, mode="bilinear", align_corners=...)``
     written out (rows first, then columns), except that a corner of weight 0 is not read, so a
     logit of −inf (probability 0) reaches only the pixels that interpolate it.
 
-    anchored: each output pixel's values come out shifted by its anchor a, the largest finite
-    value over C at its corner (y0, x0) (0 if none), the corners' values taken as x − a before
-    the arithmetic. A softmax over C is unchanged by the shift, but the interpolation then
-    rounds at the magnitude of x − a, not of x: logits with a common offset of 1e4 keep float32
-    accuracy (the shift-safe rule of DESIGN.md carried through the resize). a is a constant for
-    the gradient.
+    anchored: the values of each input pixel are taken less its anchor a (the largest finite
+    value over C, :func:`pixel_anchors`) before the arithmetic. Each output pixel then comes out
+    shifted by Σ_k w_k·a_k, the same for all its channels, which a softmax over C ignores; but
+    every term rounds at the magnitude of x − a, not of x: logits with a common offset of 1e4
+    keep float32 accuracy (the shift-safe rule of DESIGN.md carried through the resize).
     """
+    if anchored:
+        x = x - pixel_anchors(x)
     (h, w), (out_h, out_w) = x.shape[-2:], tuple(size)
     y0, y1, wy = bilinear_source(h, out_h, align_corners, x.dtype, x.device)
     x0, x1, wx = bilinear_source(w, out_w, align_corners, x.dtype, x.device)
-    if not anchored:
-        rows = _lerp(x[:, :, y0, :], x[:, :, y1, :], wy[:, None])
-        return _lerp(rows[:, :, :, x0], rows[:, :, :, x1], wx)
-    top, bottom = x[:, :, y0, :], x[:, :, y1, :]
-    corners = [top[:, :, :, x0], bottom[:, :, :, x0], top[:, :, :, x1], bottom[:, :, :, x1]]
-    first = corners[0].detach()
-    peak = torch.where(torch.isfinite(first), first, torch.full_like(first, -math.inf)).amax(dim=1, keepdim=True)
-    anchor = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    c00, c10, c01, c11 = (corner - anchor for corner in corners)
-    return _lerp(_lerp(c00, c10, wy[:, None]), _lerp(c01, c11, wy[:, None]), wx)
+    rows = _lerp(x[:, :, y0, :], x[:, :, y1, :], wy[:, None])
+    return _lerp(rows[:, :, :, x0], rows[:, :, :, x1], wx)
 
 
 def pixel_kl(

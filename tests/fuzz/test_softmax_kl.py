@@ -113,37 +113,41 @@ def pixel_kl_oracle(s, t, tau, target, ignore_index, input_errors=None):
 
 
 def anchored_spread(x, size, align_corners):
-    """(N, C, H, W): per output pixel (the same over C), the largest finite |corner − anchor| over
-    its corners of positive weight and the channels; anchor as the reference's bilinear_resize."""
+    """(N, C, H, W): per output pixel (the same over C), D = the largest finite |x_k − a_k| over its
+    corners k of positive weight and the channels, plus the largest |a_k − a_k'| between them
+    (a_k: corner k's pixel anchor, the reference's pixel_anchors): what the kernels' terms can be
+    in magnitude, whichever corner's anchor they subtract."""
     (h, w), (out_h, out_w) = x.shape[-2:], size
     y0, y1, wy = ref_softmax_kl.bilinear_source(h, out_h, align_corners, torch.float64, x.device)
     x0, x1, wx = ref_softmax_kl.bilinear_source(w, out_w, align_corners, torch.float64, x.device)
-    first = x[:, :, y0][:, :, :, x0]
-    peak = torch.where(torch.isfinite(first), first, torch.full_like(first, -math.inf)).amax(dim=1, keepdim=True)
-    a = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    spread = torch.zeros_like(a)
+    anchors = ref_softmax_kl.pixel_anchors(x)
+    deviation = torch.zeros(x.shape[0], 1, out_h, out_w, dtype=torch.float64)
+    low = torch.full_like(deviation, math.inf)
+    high = torch.full_like(deviation, -math.inf)
     for rows, row_weight in ((y0, None), (y1, wy)):
         for cols, col_weight in ((x0, None), (x1, wx)):
             corner = x[:, :, rows][:, :, :, cols]
-            deviation = torch.where(torch.isfinite(corner), (corner - a).abs(), torch.zeros_like(corner))
+            anchor = anchors[:, :, rows][:, :, :, cols]
             read = torch.ones(out_h, out_w, dtype=torch.bool)
             if row_weight is not None:
                 read = read & (row_weight > 0)[:, None]
             if col_weight is not None:
                 read = read & (col_weight > 0)[None, :]
-            spread = torch.maximum(spread, torch.where(read, deviation, 0).amax(dim=1, keepdim=True))
-    return spread.expand(x.shape[0], x.shape[1], out_h, out_w)
+            off = torch.where(torch.isfinite(corner), (corner - anchor).abs(), torch.zeros_like(corner))
+            deviation = torch.maximum(deviation, torch.where(read, off, 0).amax(dim=1, keepdim=True))
+            low = torch.where(read, torch.minimum(low, anchor), low)
+            high = torch.where(read, torch.maximum(high, anchor), high)
+    return (deviation + (high - low)).expand(x.shape[0], x.shape[1], out_h, out_w)
 
 
 def resized_pixel_kl_oracle(s, t, tau, target, ignore_index, size, align_corners):
     """pixel_kl of the logits resized to ``size`` (float64, the reference's bilinear_resize),
     with the gradients taken back through the resize (its transpose, R ≥ 0 elementwise).
 
-    Condition: each resized logit is a two-step lerp of ≤ 4 corner values, taken relative to an
-    anchor (a logit of one of its corners; the reference takes the largest at (y0, x0), other
-    backends may take another corner's), whose weights carry one rounding each (λ = (a mod b)/b):
-    off by ≤ 12·u·2D, D the pixel's largest finite |corner − reference anchor| (2D bounds the
-    spread against any corner's anchor). The transposed
+    Condition: each resized logit is a two-step lerp of ≤ 4 corner values, each taken less an
+    anchor (its own pixel's, the reference's; CUDA subtracts one corner's for all four), whose
+    weights carry one rounding each (λ = (a mod b)/b): off by ≤ 24·u·D (anchored_spread). The
+    transposed
     resize sums ≤ (2⌈H/h⌉ + 2)(2⌈W/w⌉ + 2) terms per input element: its round-off is that many u
     of Rᵀ|g|.
     """
