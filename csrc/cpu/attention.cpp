@@ -21,15 +21,7 @@
 // CPU — no TF32 there) with the bias and the ReLU applied in place on the (N, K, L) product.
 // 16-bit inputs are converted one image at a time, so no float32 copy of the batch is made.
 
-// at::vec compiles its SIMD specialisations only where a CPU_CAPABILITY_* macro is set (see
-// csrc/cpu/softmax_kl_common.h): set it from the compiler's target, with a namespace of its own.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY_AVX512 1
-#define CPU_CAPABILITY kdops_avx512
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define CPU_CAPABILITY_AVX2 1
-#define CPU_CAPABILITY kdops_avx2
-#endif
+#include "cpu/simd_capability.h"  // first: it sets at::vec's SIMD target
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -382,18 +382,14 @@ std::tuple<Tensor, Tensor> channel_kl_backward_cpu(const Tensor& grad_loss, cons
   const Layout layout = layout_of(student);
   const PairView v = pair_view(student, teacher, layout);
   const Tensor stats = row_stats.contiguous();
-  std::optional<LayoutGradOut> grad_s, grad_t;
-  if (student_requires_grad) grad_s.emplace(student, layout);
-  if (teacher_requires_grad) grad_t.emplace(teacher, layout);
+  PairGradOut grads(student, teacher, student_requires_grad, teacher_requires_grad, layout);
   const double scale = tau * g / static_cast<double>(rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, student.scalar_type(), "channel_kl_backward_cpu", [&] {
-        channel_kl_backward_kernel<scalar_t>(v, stats, tau, scale, grad_s ? &*grad_s : nullptr,
-                                             grad_t ? &*grad_t : nullptr);
+        channel_kl_backward_kernel<scalar_t>(v, stats, tau, scale, grads.student(),
+                                             grads.teacher());
       });
-  if (grad_s) grad_s->finish();
-  if (grad_t) grad_t->finish();
-  return {grad_s ? grad_s->result : none, grad_t ? grad_t->result : none};
+  return grads.finish(none);
 }
 
 }  // namespace

@@ -149,18 +149,14 @@ std::tuple<Tensor, Tensor> pixel_kl_backward_cpu(const Tensor& grad_loss, const 
   if (!student_requires_grad && !teacher_requires_grad) return {none, none};
 
   const PixelView v = pixel_view(student, teacher, target, ignore_index);
-  std::optional<LayoutGradOut> grad_s, grad_t;
-  if (student_requires_grad) grad_s.emplace(student, Layout::kAny);
-  if (teacher_requires_grad) grad_t.emplace(teacher, Layout::kAny);
+  PairGradOut grads(student, teacher, student_requires_grad, teacher_requires_grad, Layout::kAny);
   const double scale = tau * g / std::max(valid, 1.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, student.scalar_type(), "pixel_kl_backward_cpu", [&] {
-        pixel_kl_backward_kernel<scalar_t>(v, tau, scale, grad_s ? &*grad_s : nullptr,
-                                           grad_t ? &*grad_t : nullptr);
+        pixel_kl_backward_kernel<scalar_t>(v, tau, scale, grads.student(),
+                                           grads.teacher());
       });
-  if (grad_s) grad_s->finish();
-  if (grad_t) grad_t->finish();
-  return {grad_s ? grad_s->result : none, grad_t ? grad_t->result : none};
+  return grads.finish(none);
 }
 
 }  // namespace

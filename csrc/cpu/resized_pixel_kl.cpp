@@ -498,19 +498,16 @@ std::tuple<Tensor, Tensor> resized_pixel_kl_backward_cpu(
   if (!student_requires_grad && !teacher_requires_grad) return {none, none};
 
   const ResizedView v = resized_view(student, teacher, target, ignore_index, size, align_corners);
-  // Any strides are written in place (the kernel writes every element once, through strides).
-  std::optional<LayoutGradOut> grad_s, grad_t;
-  if (student_requires_grad) grad_s.emplace(student, Layout::kAny);
-  if (teacher_requires_grad) grad_t.emplace(teacher, Layout::kAny);
+  // Written through 4-D strides, every element once (LayoutGradOut: directly into empty_like's
+  // layout where it merges H, W, else through a buffer).
+  PairGradOut grads(student, teacher, student_requires_grad, teacher_requires_grad, Layout::kAny);
   const double scale = tau * g / std::max(valid, 1.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, student.scalar_type(), "resized_pixel_kl_backward_cpu", [&] {
-        resized_pixel_kl_backward_kernel<scalar_t>(v, tau, scale, grad_s ? &*grad_s : nullptr,
-                                                   grad_t ? &*grad_t : nullptr);
+        resized_pixel_kl_backward_kernel<scalar_t>(v, tau, scale, grads.student(),
+                                                   grads.teacher());
       });
-  if (grad_s) grad_s->finish();
-  if (grad_t) grad_t->finish();
-  return {grad_s ? grad_s->result : none, grad_t ? grad_t->result : none};
+  return grads.finish(none);
 }
 
 }  // namespace

@@ -24,18 +24,7 @@
 #pragma once
 
 
-// at::vec compiles its SIMD specialisations only where a CPU_CAPABILITY_* macro is set (ATen
-// sets it per kernel file). Set it from the compiler's target, so that -march=native builds get
-// AVX-512 or AVX2 vectors, and give the inline namespace a name of its own so these
-// instantiations never meet the generic ones of other translation units. Builds without these
-// targets (KDOPS_PORTABLE=1) use the generic Vectorized, compiler-vectorised loops.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY_AVX512 1
-#define CPU_CAPABILITY kdops_avx512
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define CPU_CAPABILITY_AVX2 1
-#define CPU_CAPABILITY kdops_avx2
-#endif
+#include "cpu/simd_capability.h"  // first: it sets at::vec's SIMD target
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -150,6 +139,25 @@ struct LayoutGradOut {
   }
   void finish() {
     if (!written.is_same(result)) result.copy_(written);
+  }
+};
+
+// The requested gradients of a student/teacher pair (each an empty tensor when not requested).
+struct PairGradOut {
+  std::optional<LayoutGradOut> s, t;
+
+  PairGradOut(const Tensor& student, const Tensor& teacher, bool student_requires_grad,
+              bool teacher_requires_grad, Layout layout) {
+    if (student_requires_grad) s.emplace(student, layout);
+    if (teacher_requires_grad) t.emplace(teacher, layout);
+  }
+  LayoutGradOut* student() { return s ? &*s : nullptr; }
+  LayoutGradOut* teacher() { return t ? &*t : nullptr; }
+  // (grad_student, grad_teacher) once the kernel has written them.
+  std::tuple<Tensor, Tensor> finish(const Tensor& none) {
+    if (s) s->finish();
+    if (t) t->finish();
+    return {s ? s->result : none, t ? t->result : none};
   }
 };
 
