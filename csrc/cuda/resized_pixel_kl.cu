@@ -52,6 +52,7 @@
 #include <cstdint>
 
 #include "common/softmax_kl.h"
+#include "cuda/block_reduce.cuh"
 #include "cuda/resized_pixel_kl.h"
 #include "cuda/resized_pixel_kl_threads.h"
 
@@ -64,30 +65,9 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kBlocksPerSm = 8;         // pixel grids: up to 8 blocks per SM, grid-stride beyond
 constexpr int kGradBlocksPerSm = 32;    // per-thread gather: long items, (almost) all of them
 constexpr int kGatherBlocksPerSm = 16;  // tiled gather: (almost) every block, 5 resident per SM
-constexpr unsigned kFullMask = 0xffffffffu;
-
-// The block's sum, in thread 0, by a fixed tree. `shared` holds kWarps values.
-template <typename V>
-__device__ V block_sum(V v, V* shared) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(kFullMask, v, offset);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // a previous call may still be reading `shared`
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? shared[lane] : V(0);
-#pragma unroll
-    for (int offset = kWarps / 2; offset > 0; offset >>= 1) v += __shfl_down_sync(kFullMask, v, offset);
-  }
-  return v;
-}
 
 // Per-block partial sums of the valid pixels' KL and their count (in the forward's workspace).
-struct Partials {
-  double* kl;
-  unsigned long long* valid;
-};
+using Partials = KLPartials<double>;
 
 int grid_for(int64_t items, int num_sms, int blocks_per_sm) {
   const int64_t blocks = (items + kThreads - 1) / kThreads;
@@ -115,31 +95,11 @@ __global__ void __launch_bounds__(kThreads)
        pixel += int64_t(gridDim.x) * kThreads) {
     resized::forward_pixel<T>(p, pixel, kl, valid);
   }
-  kl = block_sum(kl, shared_kl);
-  valid = block_sum(valid, shared_valid);
+  kl = block_sum<kThreads>(kl, shared_kl);
+  valid = block_sum<kThreads>(valid, shared_valid);
   if (threadIdx.x == 0) {
     out.kl[blockIdx.x] = kl;
     out.valid[blockIdx.x] = valid;
-  }
-}
-
-// loss = τ² · Σ KL / max(#valid, 1), from the blocks' partials, in one block, in a fixed order.
-__global__ void __launch_bounds__(kThreads)
-    resized_pixel_kl_loss_kernel(const Partials partials, int blocks, float tau_sq, float* loss,
-                                 int64_t* num_valid) {
-  __shared__ double shared_kl[kWarps];
-  __shared__ unsigned long long shared_valid[kWarps];
-  double kl = 0.0;
-  unsigned long long valid = 0;
-  for (int b = threadIdx.x; b < blocks; b += kThreads) {
-    kl += partials.kl[b];
-    valid += partials.valid[b];
-  }
-  kl = block_sum(kl, shared_kl);
-  valid = block_sum(valid, shared_valid);
-  if (threadIdx.x == 0) {
-    *loss = static_cast<float>(tau_sq * kl / static_cast<double>(valid > 0 ? valid : 1));
-    *num_valid = static_cast<int64_t>(valid);
   }
 }
 
@@ -262,8 +222,8 @@ cudaError_t launch_resized_pixel_kl_forward(const ResizedPixelKLForwardParams& p
     return cudaGetLastError();
   });
   if (err != cudaSuccess) return err;
-  resized_pixel_kl_loss_kernel<<<1, kThreads, 0, stream>>>(partials, blocks, p.tau_sq, p.loss,
-                                                           p.num_valid);
+  pixel_kl_loss_kernel<kThreads, double>
+      <<<1, kThreads, 0, stream>>>(partials, blocks, p.tau_sq, p.loss, p.num_valid);
   return cudaGetLastError();
 }
 

@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "common/softmax_kl.h"
+#include "cuda/block_reduce.cuh"
 #include "cuda/convert.cuh"
 #include "cuda/softmax_kl.h"
 
@@ -124,23 +125,6 @@ __device__ __forceinline__ State group_merge(State st, float inv_tau) {
     st = (lane & offset) ? kl_merge(other, st, inv_tau) : kl_merge(st, other, inv_tau);
   }
   return st;
-}
-
-// The block's sum, in thread 0. `shared` holds kWarps values.
-template <typename V>
-__device__ V block_sum(V v, V* shared) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(kFullMask, v, offset);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? shared[lane] : V(0);
-#pragma unroll
-    for (int offset = kWarps / 2; offset > 0; offset >>= 1) v += __shfl_down_sync(kFullMask, v, offset);
-  }
-  return v;
 }
 
 // Adds W elements (raw logits) to a state: one rescale check for the W, then W plain additions.
@@ -275,7 +259,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t row = threadIdx.x; row < rows; row += kThreads) {
     sum += row_stats[kKLRowStats * row + 4];
   }
-  sum = block_sum(sum, shared);
+  sum = block_sum<kThreads>(sum, shared);
   if (threadIdx.x == 0) *loss = static_cast<float>(sum * scale);
 }
 
@@ -370,16 +354,13 @@ __device__ __forceinline__ void write_pixel_grads(const PixelKLBackwardParams& p
 }
 
 // Per-block partial sums of the valid pixels' KL and their count.
-struct PixelPartials {
-  float* kl;
-  unsigned long long* valid;
-};
+using PixelPartials = KLPartials<float>;
 
 __device__ void write_pixel_partials(float kl, unsigned long long valid, PixelPartials out) {
   __shared__ double shared_kl[kWarps];
   __shared__ unsigned long long shared_valid[kWarps];
-  const double kl_sum = block_sum(static_cast<double>(kl), shared_kl);
-  const unsigned long long valid_sum = block_sum(valid, shared_valid);
+  const double kl_sum = block_sum<kThreads>(static_cast<double>(kl), shared_kl);
+  const unsigned long long valid_sum = block_sum<kThreads>(valid, shared_valid);
   if (threadIdx.x == 0) {
     out.kl[blockIdx.x] = static_cast<float>(kl_sum);
     out.valid[blockIdx.x] = valid_sum;
@@ -410,26 +391,6 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   write_pixel_partials(kl, valid, out);
-}
-
-// loss = τ² · Σ KL / max(#valid, 1), from the blocks' partials, in one block, in a fixed order.
-__global__ void __launch_bounds__(kThreads)
-    pixel_kl_loss_kernel(const PixelPartials partials, int blocks, float tau_sq, float* loss,
-                         int64_t* num_valid) {
-  __shared__ double shared_kl[kWarps];
-  __shared__ unsigned long long shared_valid[kWarps];
-  double kl = 0.0;
-  unsigned long long valid = 0;
-  for (int b = threadIdx.x; b < blocks; b += kThreads) {
-    kl += partials.kl[b];
-    valid += partials.valid[b];
-  }
-  kl = block_sum(kl, shared_kl);
-  valid = block_sum(valid, shared_valid);
-  if (threadIdx.x == 0) {
-    *loss = static_cast<float>(tau_sq * kl / static_cast<double>(valid > 0 ? valid : 1));
-    *num_valid = static_cast<int64_t>(valid);
-  }
 }
 
 template <typename T, int G>
@@ -575,7 +536,8 @@ cudaError_t launch_pixel_kl_forward(const PixelKLForwardParams& p, cudaStream_t 
     });
   });
   if (err != cudaSuccess) return err;
-  pixel_kl_loss_kernel<<<1, kThreads, 0, stream>>>(partials, blocks, p.tau_sq, p.loss, p.num_valid);
+  pixel_kl_loss_kernel<kThreads, float>
+      <<<1, kThreads, 0, stream>>>(partials, blocks, p.tau_sq, p.loss, p.num_valid);
   return cudaGetLastError();
 }
 
