@@ -96,7 +96,7 @@ OPS: dict[str, OpSpec] = {
             _ref("softmax_kl", "pixel_kl"),
             cpu="kdops.ops.softmax_kl:_pixel_kl_extension",
             cuda="kdops.ops.softmax_kl:_pixel_kl_extension",
-            triton="kdops.triton.softmax_kl:pixel_kl",
+            triton="kdops.triton.resized_pixel_kl:pixel_kl",  # with or without size
         ),
         OpSpec(
             "attention_map",

@@ -456,15 +456,7 @@ void check_resize(const Tensor& student, at::IntArrayRef size,
                     student.sizes());
   TORCH_CHECK_VALUE(size.size() == 2 && size[0] >= 1 && size[1] >= 1,
                     "size must be (H, W) with H, W >= 1, got ", size);
-  if (!target.has_value()) return;
-  TORCH_CHECK_TYPE(at::isIntegralType(target->scalar_type(), /*includeBool=*/false),
-                   "target must be an integer tensor, got ", target->scalar_type());
-  const std::vector<int64_t> expected{student.size(0), size[0], size[1]};
-  TORCH_CHECK_VALUE(target->sizes() == at::IntArrayRef(expected), "target must have shape ",
-                    at::IntArrayRef(expected), " (N, *size), got ", target->sizes());
-  TORCH_CHECK_VALUE(target->device() == student.device(),
-                    "target must be on the device of student (", student.device(), "), got ",
-                    target->device());
+  check_target(target, student, size);
 }
 
 std::tuple<Tensor, Tensor> resized_pixel_kl_cpu(const Tensor& student, const Tensor& teacher,

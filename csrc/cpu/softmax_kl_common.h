@@ -350,14 +350,19 @@ inline void check_tau(double tau) {
   TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, "tau must be finite and > 0, got ", tau);
 }
 
-inline void check_target(const std::optional<Tensor>& target, const Tensor& student) {
+// target: integer labels of shape (N, *spatial), spatial the student's (or `spatial` when given:
+// resized_pixel_kl's output size), on the student's device.
+inline void check_target(const std::optional<Tensor>& target, const Tensor& student,
+                         std::optional<at::IntArrayRef> spatial = std::nullopt) {
   if (!target.has_value()) return;
   TORCH_CHECK_TYPE(at::isIntegralType(target->scalar_type(), /*includeBool=*/false),
                    "target must be an integer tensor, got ", target->scalar_type());
   std::vector<int64_t> expected{student.size(0)};
-  expected.insert(expected.end(), student.sizes().begin() + 2, student.sizes().end());
+  const at::IntArrayRef rest = spatial ? *spatial : student.sizes().slice(2);
+  expected.insert(expected.end(), rest.begin(), rest.end());
   TORCH_CHECK_VALUE(target->sizes() == at::IntArrayRef(expected), "target must have shape ",
-                    at::IntArrayRef(expected), " (N, *spatial of student), got ", target->sizes());
+                    at::IntArrayRef(expected), spatial ? " (N, *size)" : " (N, *spatial of student)",
+                    ", got ", target->sizes());
   TORCH_CHECK_VALUE(target->device() == student.device(),
                     "target must be on the device of student (", student.device(), "), got ",
                     target->device());

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from kdops.ops.softmax_kl import register_resized_pixel_kl_ops
+from kdops.triton import softmax_kl
 from kdops.triton._launch import check_kernel_dtype, device_guard, grad_buffers, new_buffer
 from kdops.triton.softmax_kl import (
     LOG2E, _LN2, _LOWEST, _kl_from_stats, _kl_grads, _merged, _pixel_chunk_stats, _valid_pixels,
@@ -566,13 +567,16 @@ torch.library.custom_op(
 register_resized_pixel_kl_ops("kdops_triton")
 
 
-def resized_pixel_kl(
+def pixel_kl(
     student: torch.Tensor, teacher: torch.Tensor, tau: float, target: torch.Tensor | None,
-    ignore_index: int, size: tuple[int, int], align_corners: bool,
+    ignore_index: int, size: tuple[int, int] | None = None, align_corners: bool = False,
 ) -> torch.Tensor:
-    """τ² · mean over valid output pixels of KL(softmax_C(t_r/τ) ‖ softmax_C(s_r/τ)), s_r, t_r
-    the (N, C, h, w) logits resized bilinearly to size = (H, W); target (N, H, W) or None. A
-    float32 scalar with autograd (called by :func:`kdops.triton.softmax_kl.pixel_kl`)."""
+    """The Triton backend of ``kdops.pixel_kl``: τ² · mean over valid pixels of
+    KL(softmax_C(t/τ) ‖ softmax_C(s/τ)), a float32 scalar with autograd — of the logits as they
+    are (:func:`kdops.triton.softmax_kl.pixel_kl`) or, with size = (H, W), of the (N, C, h, w)
+    logits resized bilinearly to it (these kernels; target (N, H, W) or None)."""
+    if size is None:
+        return softmax_kl.pixel_kl(student, teacher, tau, target, ignore_index)
     return torch.ops.kdops_triton.resized_pixel_kl(
         student, teacher, target, ignore_index, tau, list(size), align_corners
     )[0]

@@ -796,13 +796,8 @@ def channel_kl(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torc
 
 def pixel_kl(
     student: torch.Tensor, teacher: torch.Tensor, tau: float, target: torch.Tensor | None,
-    ignore_index: int, size: tuple[int, int] | None = None, align_corners: bool = False,
+    ignore_index: int,
 ) -> torch.Tensor:
     """τ² · mean over valid pixels of KL(softmax_C(t/τ) ‖ softmax_C(s/τ)), a float32 scalar
-    (0 when no pixel is valid), with autograd; with ``size``, of the logits resized bilinearly
-    to it (:mod:`kdops.triton.resized_pixel_kl`)."""
-    if size is not None:
-        from kdops.triton.resized_pixel_kl import resized_pixel_kl  # defines its ops on first use
-
-        return resized_pixel_kl(student, teacher, tau, target, ignore_index, size, align_corners)
+    (0 when no pixel is valid), with autograd."""
     return torch.ops.kdops_triton.pixel_kl(student, teacher, target, ignore_index, tau)[0]

@@ -15,7 +15,7 @@ import kdops
 from kdops import backend as kd_backend
 from kdops.reference import softmax_kl as ref
 from tests.ops.test_softmax_kl import assert_grad_close, make_pair
-from tests.utils import LAYOUTS, TOLERANCES, backend_params, relative_error
+from tests.utils import LAYOUTS, TOLERANCES, backend_params, make_layout, relative_error
 
 BACKENDS = backend_params("pixel_kl")
 CPU_ONLY = [p for p in BACKENDS if p.id == "cpu-cpu"]
@@ -93,8 +93,6 @@ def test_layouts(device, backend, layout, align_corners):
     if layout == "transposed_hw":
         s, t = (x.transpose(2, 3).contiguous().transpose(2, 3) for x in (s, t))
     else:
-        from tests.utils import make_layout
-
         s, t = make_layout(s, layout), make_layout(t, "contiguous" if layout == "strided" else layout)
     target = make_target(2, (11, 13), 5, device)
     check(backend, s, t, 0.5, target, (11, 13), align_corners, 1e-5, 1e-5)
