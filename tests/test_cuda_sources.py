@@ -68,3 +68,39 @@ def test_compiles_without_spills(source, tmp_path):
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{report}"
     assert SPILLS.search(report), f"ptxas printed no register report:\n{report}"
     assert not spilling_functions(report), "register spills:\n" + "\n".join(spilling_functions(report))
+
+
+def _nvcc_include_dirs() -> list[str]:
+    """The include directories nvcc itself compiles with (its dry run prints them)."""
+    result = subprocess.run([NVCC, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                            capture_output=True, text=True, timeout=60)
+    dirs = []
+    for line in (result.stdout + result.stderr).splitlines():
+        if "INCLUDES=" in line:
+            dirs += re.findall(r'"?-I"?\s*"?([^"\s]+)', line) + re.findall(r'"-isystem" "([^"]+)"', line)
+    return dirs
+
+
+API_SOURCES = sorted(glob.glob(os.path.join(CSRC, "cuda", "*_api.cpp")))
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+@pytest.mark.parametrize("source", API_SOURCES, ids=os.path.basename)
+def test_api_sources_parse(source, tmp_path):
+    """The torch side of the CUDA kernels (``*_api.cpp``) parses and type-checks with the installed
+    torch's headers, so a CPU-only machine catches what only a CUDA build would compile. A CPU
+    wheel lacks one header generated at torch's build, ``c10/cuda/impl/cuda_cmake_macros.h``
+    (macro definitions only); an empty one stands in for it."""
+    from torch.utils.cpp_extension import include_paths
+
+    cuda_includes = _nvcc_include_dirs()
+    assert any(os.path.isfile(os.path.join(d, "cuda_runtime_api.h")) for d in cuda_includes), (
+        f"{NVCC} -dryrun named no directory holding cuda_runtime_api.h: {cuda_includes}")
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    command = ["c++", "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C"]
+    command += [f"-I{path}" for path in include_paths()]
+    command += [f"-I{tmp_path}", f"-I{CSRC}"] + [f"-I{d}" for d in cuda_includes] + [source]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr[-4000:]}"

@@ -44,6 +44,9 @@ struct AttentionReduceBackwardParams : AttentionReduceParams {
 //   forward    A = W (K, C) float32, B = x (C, L) per image, out = ReLU(out + bias) float32 maps;
 //   grad_x     A = Wᵀ (C, K) float32, B = g' (K, L) float32, out = grad_x in x's dtype;
 //   grad_w     A = g' (K, L) float32, B = xᵀ (L, C) per image, out = per-image partials float32.
+// With splits > 1 (no bias, no ReLU) the inner dimension is cut into `splits` chunks of whole
+// 16-deep slices and image n's chunk s is written at out + (n·splits + s)·out_stride_n: partial
+// products for the caller to sum.
 struct ClassGemmParams {
   const float* a;
   int64_t a_stride_n, a_stride_i, a_stride_j;
@@ -56,6 +59,7 @@ struct ClassGemmParams {
   const float* bias;  // (I,) float32, or null; only with relu
   bool relu;
   int64_t batch, rows, inner, cols;  // N, I, J, M
+  int64_t splits;                     // ≥ 1
 };
 
 // Each launcher enqueues its kernel on `stream` and returns cudaGetLastError().
@@ -63,6 +67,11 @@ cudaError_t launch_attention_reduce(const AttentionReduceParams& params, cudaStr
 cudaError_t launch_attention_reduce_backward(const AttentionReduceBackwardParams& params,
                                              cudaStream_t stream);
 cudaError_t launch_class_gemm(const ClassGemmParams& params, cudaStream_t stream);
+
+// The splits of the inner dimension that give a product of few output tiles about four blocks
+// per SM of `device`, each chunk at least 512 deep (1 when the output tiles fill the device).
+cudaError_t class_gemm_inner_splits(int64_t batch, int64_t rows, int64_t inner, int64_t cols,
+                                    int device, int64_t* splits);
 
 }  // namespace cuda
 }  // namespace kdops

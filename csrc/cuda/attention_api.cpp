@@ -184,7 +184,7 @@ void check_class_args(const Tensor& x, const Tensor& weight, const std::optional
 void class_gemm(const Tensor& a, std::array<int64_t, 3> a_strides, const Tensor& b,
                 std::array<int64_t, 3> b_strides, const Tensor& out,
                 std::array<int64_t, 3> out_strides, const float* bias, bool relu,
-                int64_t batch, int64_t rows, int64_t inner, int64_t cols) {
+                int64_t batch, int64_t rows, int64_t inner, int64_t cols, int64_t splits = 1) {
   ClassGemmParams params{};
   params.a = a.const_data_ptr<float>();
   params.a_stride_n = a_strides[0];
@@ -206,6 +206,7 @@ void class_gemm(const Tensor& a, std::array<int64_t, 3> a_strides, const Tensor&
   params.rows = rows;
   params.inner = inner;
   params.cols = cols;
+  params.splits = splits;
   C10_CUDA_CHECK(launch_class_gemm(params, c10::cuda::getCurrentCUDAStream()));
 }
 
@@ -251,10 +252,14 @@ std::tuple<Tensor, Tensor, Tensor> class_attention_scores_backward_cuda(
     if (!written.is_same(grad_x)) grad_x.copy_(written);
   }
   if (weight_requires_grad) {
-    Tensor partial = at::empty({N, K, C}, x.options().dtype(at::kFloat));
+    // K×C outputs per image over L positions: the (N, splits, K, C) partial products of the
+    // split inner dimension are summed in at::sum's fixed order.
+    int64_t splits = 1;
+    C10_CUDA_CHECK(class_gemm_inner_splits(N, K, L, C, x.get_device(), &splits));
+    Tensor partial = at::empty({N, splits, K, C}, x.options().dtype(at::kFloat));
     class_gemm(g, {K * L, L, 1}, x, {xs.n, xs.l, xs.c}, partial, {K * C, C, 1}, nullptr, false, N,
-               K, L, C);
-    grad_w = partial.sum(0);
+               K, L, C, splits);
+    grad_w = partial.sum(at::IntArrayRef{0, 1});
   }
   // g is (N, K, *spatial): Σ over images and positions, (K,).
   if (bias_requires_grad) grad_b = g.reshape({N, K, -1}).sum(at::IntArrayRef{0, 2});

@@ -349,6 +349,39 @@ def test_cpu_large_shapes(device, backend, shape):
             check_loss(backend, s, t, p, "sum", "softmax", None, 1e-5, 1e-5)
 
 
+GPU_BACKENDS = [p for p in BACKENDS if p.values[0] == "cuda"]
+GPU_CLASS_BACKENDS = [p for p in CLASS_BACKENDS if p.values[0] == "cuda"]
+
+
+@pytest.mark.parametrize("device,backend", GPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 40, 48, 80), (1, 1100, 3, 5)], ids=["rows-3840", "C1100"])
+def test_gpu_long_rows(device, backend, shape):
+    """Rows of the unit-stride dim longer than the CUDA backward's 1024-element stretch: channel rows
+    of 3840 positions (contiguous) and pixels of 1100 channels (channels_last). The loss is kept
+    well conditioned at these lengths so that 1e-5 measures the reductions' tiling, not float32
+    round-off: norm="none" (a softmax's float32 normaliser over 3840 positions alone moves the
+    loss by 2e-5) and a teacher twice the student's scale (maps that differ by their own size,
+    where two maps of one scale differ by ~10 %, which amplifies their round-off tenfold)."""
+    for layout in LAYOUTS:
+        s = features(shape, torch.float32, layout, device, 2.0, seed=31)
+        t = 2 * features(shape, torch.float32, layout, device, 2.0, seed=32)
+        for p in (2.0, 0.5):
+            check_loss(backend, s, t, p, "sum", "none", None, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("device,backend", GPU_CLASS_BACKENDS)
+@pytest.mark.parametrize("k,c", [(19, 96), (150, 20)], ids=["K19", "K150"])
+def test_gpu_class_weight_gradient_over_long_maps(device, backend, k, c):
+    """The weight gradient sums over N·H·W = 2560 positions per image: the CUDA kernel splits that
+    inner dimension into chunks (few K×C output tiles) whose partial products are summed after."""
+    w_s, w_t, b_s, b_t = class_weights(k, c, c, True, seed=33)
+    for layout in ("contiguous", "channels_last"):
+        s = features((2, c, 40, 64), torch.float32, layout, device, seed=34)
+        t = features((2, c, 40, 64), torch.float32, layout, device, seed=35)
+        check_class_loss(backend, s, t, w_s.to(device), w_t.to(device), b_s.to(device),
+                         b_t.to(device), "l2", 1e-5, 1e-5)
+
+
 def _opcheck_cases(namespace, device, layout):
     x = features((2, 3, 5, 7), torch.float32, layout, device, seed=25)
     weight = torch.randn(4, 3, device=device)
