@@ -89,14 +89,14 @@ OPS: dict[str, OpSpec] = {
             _ref("softmax_kl", "channel_kl"),
             cpu="kdops.ops.softmax_kl:_channel_kl_extension",
             cuda="kdops.ops.softmax_kl:_channel_kl_extension",
-            triton="kdops.triton.softmax_kl:channel_kl",
+            triton="kdops.triton.channel_kl:channel_kl",
         ),
         OpSpec(
             "pixel_kl",
             _ref("softmax_kl", "pixel_kl"),
             cpu="kdops.ops.softmax_kl:_pixel_kl_extension",
             cuda="kdops.ops.softmax_kl:_pixel_kl_extension",
-            triton="kdops.triton.resized_pixel_kl:pixel_kl",  # with or without size
+            triton="kdops.triton.pixel_kl:pixel_kl",
         ),
         OpSpec(
             "attention_map",

@@ -219,15 +219,13 @@ def register_resized_pixel_kl_ops(namespace: str) -> None:
     )
 
 
-def register_softmax_kl_ops(namespace: str) -> None:
-    """Fake kernels and autograd for ``<namespace>::{channel_kl, pixel_kl}{, _backward}``.
-
-    The C++ extension (``kdops``) and the Triton kernels (``kdops_triton``) define these four
-    ops with the same schemas; both are made differentiable here, the same way.
-    """
+def register_channel_kl_ops(namespace: str) -> None:
+    """Fake kernels and autograd for ``<namespace>::channel_kl{, _backward}``: the C++
+    extension's ``kdops`` and the Triton kernels' ``kdops_triton`` define them with the same
+    schemas; both are made differentiable here, the same way."""
     ops = getattr(torch.ops, namespace)
 
-    def channel_kl_backward(ctx, grad_loss, _grad_row_stats):
+    def backward(ctx, grad_loss, _grad_row_stats):
         student, teacher, row_stats = ctx.saved_tensors
         needs_student, needs_teacher = ctx.needs_input_grad[:2]
         grad_student, grad_teacher = ops.channel_kl_backward(
@@ -235,7 +233,19 @@ def register_softmax_kl_ops(namespace: str) -> None:
         )
         return (grad_student if needs_student else None, grad_teacher if needs_teacher else None, None)
 
-    def pixel_kl_backward(ctx, grad_loss, _grad_num_valid):
+    torch.library.register_fake(f"{namespace}::channel_kl", _channel_kl_fake)
+    torch.library.register_fake(f"{namespace}::channel_kl_backward", _channel_kl_backward_fake)
+    torch.library.register_autograd(
+        f"{namespace}::channel_kl", backward, setup_context=_channel_kl_setup_context
+    )
+
+
+def register_pixel_kl_ops(namespace: str) -> None:
+    """Fake kernels and autograd for ``<namespace>::pixel_kl{, _backward}`` (``kdops`` and
+    ``kdops_triton``, same schemas)."""
+    ops = getattr(torch.ops, namespace)
+
+    def backward(ctx, grad_loss, _grad_num_valid):
         student, teacher, target, num_valid = ctx.saved_tensors
         needs_student, needs_teacher = ctx.needs_input_grad[:2]
         grad_student, grad_teacher = ops.pixel_kl_backward(
@@ -248,18 +258,14 @@ def register_softmax_kl_ops(namespace: str) -> None:
             None, None, None,
         )
 
-    torch.library.register_fake(f"{namespace}::channel_kl", _channel_kl_fake)
-    torch.library.register_fake(f"{namespace}::channel_kl_backward", _channel_kl_backward_fake)
     torch.library.register_fake(f"{namespace}::pixel_kl", _pixel_kl_fake)
     torch.library.register_fake(f"{namespace}::pixel_kl_backward", _pixel_kl_backward_fake)
     torch.library.register_autograd(
-        f"{namespace}::channel_kl", channel_kl_backward, setup_context=_channel_kl_setup_context
-    )
-    torch.library.register_autograd(
-        f"{namespace}::pixel_kl", pixel_kl_backward, setup_context=_pixel_kl_setup_context
+        f"{namespace}::pixel_kl", backward, setup_context=_pixel_kl_setup_context
     )
 
 
 if _extension.loaded():
-    register_softmax_kl_ops("kdops")
+    register_channel_kl_ops("kdops")
+    register_pixel_kl_ops("kdops")
     register_resized_pixel_kl_ops("kdops")

@@ -22,8 +22,7 @@ operand instead of the 8 (bf16) a single rounding keeps.
 
 File layout: jit helpers → kernels → launchers → ``kdops_triton::`` ops (``custom_op``; fake
 kernels and autograd registered by :mod:`kdops.ops.attention`, the same way as for the C++ ops)
-→ the backend entry points. Why ``custom_op`` and not ``triton_op``: see
-:mod:`kdops.triton.softmax_kl`.
+→ the backend entry points. Why ``custom_op`` and not ``triton_op``: see :mod:`kdops.triton`.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ it is O(K·C), not O(pixels).
 
 The ops are ``kdops_triton::<op>{, _backward}`` (``torch.library.custom_op``, the schemas of
 csrc/kdops.cpp); fake kernels and autograd come from :func:`kdops.ops.prototypes.register_prototype_ops`.
-See :mod:`kdops.triton.softmax_kl` for why ``custom_op`` rather than ``triton_op``.
+See :mod:`kdops.triton` for why ``custom_op`` rather than ``triton_op``.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from kdops.triton._launch import (
 
 _NORM_EPS = 1e-12  # F.normalize's floor on a norm
 
-# Test hooks (as in kdops.triton.softmax_kl): kdops.triton._launch.POISON_OUTPUTS fills every
+# Test hooks (as in kdops.triton.channel_kl): kdops.triton._launch.POISON_OUTPUTS fills every
 # buffer a launcher allocates with NaN (integers: their minimum) so tests prove each element is written;
 # _LAUNCH_OVERRIDES replaces launch sizes ("block_p", "block_c", "block_k", "splits").
 _LAUNCH_OVERRIDES: dict[str, int] = {}

@@ -9,7 +9,7 @@ Math (specification: :func:`kdops.reference.softmax_kl.pixel_kl` with ``size``).
 
 where a term of weight exactly 0 is neither read nor multiplied (a −inf logit reaches only the
 pixels that interpolate it). Each output pixel then takes pixel_kl's per-pixel softmax KL (the
-jit helpers of :mod:`kdops.triton.softmax_kl`: online statistics, shift-safe, teacher −inf =
+jit helpers of :mod:`kdops.triton.softmax_kl_rows`: online statistics, shift-safe, teacher −inf =
 probability 0), counted where target (N, H, W) ≠ ignore_index.
 
 Forward: a program takes BLOCK_P consecutive output pixels of one image × all C channels,
@@ -53,9 +53,8 @@ import triton
 import triton.language as tl
 
 from kdops.ops.softmax_kl import register_resized_pixel_kl_ops
-from kdops.triton import softmax_kl
 from kdops.triton._launch import check_kernel_dtype, device_guard, grad_buffers, new_buffer
-from kdops.triton.softmax_kl import (
+from kdops.triton.softmax_kl_rows import (
     LOG2E, _LN2, _LOWEST, _kl_from_stats, _kl_grads, _merged, _pixel_chunk_stats, _valid_pixels,
 )
 
@@ -565,18 +564,3 @@ torch.library.custom_op(
 )
 
 register_resized_pixel_kl_ops("kdops_triton")
-
-
-def pixel_kl(
-    student: torch.Tensor, teacher: torch.Tensor, tau: float, target: torch.Tensor | None,
-    ignore_index: int, size: tuple[int, int] | None = None, align_corners: bool = False,
-) -> torch.Tensor:
-    """The Triton backend of ``kdops.pixel_kl``: τ² · mean over valid pixels of
-    KL(softmax_C(t/τ) ‖ softmax_C(s/τ)), a float32 scalar with autograd — of the logits as they
-    are (:func:`kdops.triton.softmax_kl.pixel_kl`) or, with size = (H, W), of the (N, C, h, w)
-    logits resized bilinearly to it (these kernels; target (N, H, W) or None)."""
-    if size is None:
-        return softmax_kl.pixel_kl(student, teacher, tau, target, ignore_index)
-    return torch.ops.kdops_triton.resized_pixel_kl(
-        student, teacher, target, ignore_index, tau, list(size), align_corners
-    )[0]

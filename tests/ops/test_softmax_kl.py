@@ -46,7 +46,8 @@ TAUS = [pytest.param(0.5, id="tau0.5"), pytest.param(4.0, id="tau4")]
 def ops(backend):
     """The op namespace of a fused backend (same schemas in both)."""
     if backend == "triton":
-        importlib.import_module("kdops.triton.softmax_kl")
+        importlib.import_module("kdops.triton.channel_kl")
+        importlib.import_module("kdops.triton.pixel_kl")
         return torch.ops.kdops_triton
     return torch.ops.kdops
 

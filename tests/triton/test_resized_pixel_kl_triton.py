@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 
 from kdops import backend as kd_backend  # noqa: E402
 from kdops.reference import softmax_kl as reference  # noqa: E402
+from kdops.triton import pixel_kl as triton_pixel_kl  # noqa: E402
 from kdops.triton import resized_pixel_kl as triton_resized  # noqa: E402
 from tests.triton.test_softmax_kl_triton import (  # noqa: E402
     assert_matches, make_pair, reference_and_grads,
@@ -59,7 +60,7 @@ def make_target(n, size, num_classes, ignore_index, device, dtype=torch.int64, s
 
 def run_resized(student, teacher, tau, target, ignore_index, size, align_corners):
     """The backend entry point kdops.backend dispatches to (pixel_kl with size)."""
-    return triton_resized.pixel_kl(student, teacher, tau, target, ignore_index, size, align_corners)
+    return triton_pixel_kl.pixel_kl(student, teacher, tau, target, ignore_index, size, align_corners)
 
 
 def expected(student, teacher, tau, target, ignore_index, size, align_corners):

@@ -22,7 +22,9 @@ pytest.importorskip("triton")
 
 from kdops import backend as kd_backend  # noqa: E402
 from kdops.reference import softmax_kl as reference  # noqa: E402
-from kdops.triton import softmax_kl as triton_kl  # noqa: E402
+from kdops.triton import channel_kl as triton_channel_kl  # noqa: E402
+from kdops.triton import pixel_kl as triton_pixel_kl  # noqa: E402
+from kdops.triton._launch import new_buffer  # noqa: E402
 from tests.ops.test_softmax_kl import assert_row_stats, oracle  # noqa: E402
 from tests.utils import TOLERANCES, cpu_and_cuda, make_layout, relative_error  # noqa: E402
 
@@ -42,7 +44,8 @@ def poisoned_outputs(monkeypatch):
 
 
 def set_launch(monkeypatch, **overrides):
-    monkeypatch.setattr(triton_kl, "_LAUNCH_OVERRIDES", dict(overrides))
+    monkeypatch.setattr(triton_channel_kl, "_LAUNCH_OVERRIDES", dict(overrides))
+    monkeypatch.setattr(triton_pixel_kl, "_LAUNCH_OVERRIDES", dict(overrides))
 
 
 def layout(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -128,7 +131,7 @@ def test_channel_kl_matches_reference(
 ):
     set_launch(monkeypatch, **launch)
     student, teacher = make_pair(shape, dtype, device, layouts)
-    loss = triton_kl.channel_kl(student, teacher, tau)
+    loss = triton_channel_kl.channel_kl(student, teacher, tau)
     loss.backward()
     expected = reference_and_grads(reference.channel_kl, student, teacher, tau)
     assert_matches(loss, student, teacher, expected, loss_tol, grad_tol)
@@ -192,7 +195,7 @@ def test_pixel_kl_matches_reference(
     target = None
     if labels is not None:
         target = make_target(shape, shape[1], ignore_index, device, label_dtype)
-    loss = triton_kl.pixel_kl(student, teacher, tau, target, ignore_index)
+    loss = triton_pixel_kl.pixel_kl(student, teacher, tau, target, ignore_index)
     loss.backward()
     cpu_target = None if target is None else target.cpu()
     expected = reference_and_grads(
@@ -214,7 +217,7 @@ def test_pixel_kl_num_valid(device):
 def test_pixel_kl_all_ignored_is_zero(device):
     student, teacher = make_pair((2, 3, 5, 7), torch.float32, device)
     target = torch.full((2, 5, 7), 255, dtype=torch.int64, device=device)
-    loss = triton_kl.pixel_kl(student, teacher, 2.0, target, 255)
+    loss = triton_pixel_kl.pixel_kl(student, teacher, 2.0, target, 255)
     loss.backward()
     assert loss.item() == 0.0
     for x in (student, teacher):
@@ -254,9 +257,9 @@ def test_extreme_inputs_across_splits(device, monkeypatch, op, shape, launch, ru
     student = s.to(device).requires_grad_()
     teacher = t.to(device).requires_grad_()
     if op == "channel_kl":
-        loss = triton_kl.channel_kl(student, teacher, 0.7)
+        loss = triton_channel_kl.channel_kl(student, teacher, 0.7)
     else:
-        loss = triton_kl.pixel_kl(student, teacher, 0.7, None, 255)
+        loss = triton_pixel_kl.pixel_kl(student, teacher, 0.7, None, 255)
     loss.backward()
     expected, grad_s, grad_t = oracle(op, s, t, 0.7)
     assert relative_error(loss, expected) <= 1e-5
@@ -271,8 +274,8 @@ def test_extreme_inputs_across_splits(device, monkeypatch, op, shape, launch, ru
 
 def run_op(op, student, teacher, target):
     if op == "channel_kl":
-        return triton_kl.channel_kl(student, teacher, 1.5)
-    return triton_kl.pixel_kl(student, teacher, 1.5, target, 255)
+        return triton_channel_kl.channel_kl(student, teacher, 1.5)
+    return triton_pixel_kl.pixel_kl(student, teacher, 1.5, target, 255)
 
 
 @pytest.mark.parametrize("op", ["channel_kl", "pixel_kl"])
@@ -316,8 +319,8 @@ def test_backward_op_skips_unrequested_gradient(device, op, flags):
 
 def test_poison_hook_fills_with_nan(device):
     """The hook the other tests rely on really poisons the launchers' buffers."""
-    assert torch.isnan(triton_kl.new_buffer((3,), torch.float32, torch.device(device))).all()
-    counts = triton_kl.new_buffer((3,), torch.int32, torch.device(device))
+    assert torch.isnan(new_buffer((3,), torch.float32, torch.device(device))).all()
+    counts = new_buffer((3,), torch.int32, torch.device(device))
     assert (counts == torch.iinfo(torch.int32).min).all()
 
 
@@ -338,9 +341,9 @@ def test_deterministic(device, monkeypatch, op):
 def test_rejects_float64(device):
     student, teacher = make_pair((1, 2, 3), torch.float64, device)
     with pytest.raises(TypeError, match="student"):
-        triton_kl.channel_kl(student, teacher, 1.0)
+        triton_channel_kl.channel_kl(student, teacher, 1.0)
     with pytest.raises(TypeError, match="student"):
-        triton_kl.pixel_kl(student, teacher, 1.0, None, 255)
+        triton_pixel_kl.pixel_kl(student, teacher, 1.0, None, 255)
 
 
 # ---------------------------------------------------------------------- torch.library checks ---
@@ -372,8 +375,8 @@ def test_compile_fullgraph():
 
     def losses(student, teacher, target):
         return (
-            triton_kl.channel_kl(student, teacher, 2.0)
-            + triton_kl.pixel_kl(student, teacher, 2.0, target, 255)
+            triton_channel_kl.channel_kl(student, teacher, 2.0)
+            + triton_pixel_kl.pixel_kl(student, teacher, 2.0, target, 255)
         )
 
     compiled = torch.compile(losses, fullgraph=True)
@@ -463,7 +466,8 @@ def compile_for_hopper() -> list[tuple[str, int, int]]:
             return launch
 
     for name in KERNELS:
-        setattr(triton_kl, name, CompileInsteadOfLaunch(getattr(triton_kl, name)))
+        module = triton_channel_kl if name.startswith("_channel") else triton_pixel_kl
+        setattr(module, name, CompileInsteadOfLaunch(getattr(module, name)))
 
     def run(shape, dtype, target_dtype=None, channels_last=False, grads=(True, True), channel=True):
         s = torch.empty(shape, dtype=dtype, device="meta")
@@ -474,16 +478,16 @@ def compile_for_hopper() -> list[tuple[str, int, int]]:
             target = torch.empty((shape[0], *shape[2:]), dtype=target_dtype, device="meta")
         grad_loss = torch.empty((), device="meta")
         if channel:
-            _, row_stats = triton_kl._channel_kl_forward(s, s, 2.0)
-            triton_kl._channel_kl_backward(grad_loss, s, s, row_stats, 2.0, *grads)
-        _, num_valid = triton_kl._pixel_kl_forward(s, s, target, 255, 2.0)
-        triton_kl._pixel_kl_backward(grad_loss, s, s, target, num_valid, 255, 2.0, *grads)
+            _, row_stats = triton_channel_kl._channel_kl_forward(s, s, 2.0)
+            triton_channel_kl._channel_kl_backward(grad_loss, s, s, row_stats, 2.0, *grads)
+        _, num_valid = triton_pixel_kl._pixel_kl_forward(s, s, target, 255, 2.0)
+        triton_pixel_kl._pixel_kl_backward(grad_loss, s, s, target, num_valid, 255, 2.0, *grads)
 
-    triton_kl._LAUNCH_OVERRIDES["channel_splits"] = 14  # the split count of an H100 at this size
+    triton_channel_kl._LAUNCH_OVERRIDES["channel_splits"] = 14  # the split count of an H100 at this size
     run((8, 19, 512, 1024), torch.float32, target_dtype=torch.int64)
     run((8, 19, 512, 1024), torch.bfloat16, channels_last=True, grads=(False, True))
     run((2, 1000, 64, 64), torch.float16, torch.uint8, grads=(True, False), channel=False)
-    triton_kl._LAUNCH_OVERRIDES.clear()
+    triton_channel_kl._LAUNCH_OVERRIDES.clear()
     run((1, 1, 1), torch.float32, target_dtype=torch.uint8)  # every size 1: constexpr ints
 
     usage = []
