@@ -7,7 +7,6 @@
 //
 // A gradient is returned in the tensor empty_like(input) gives (what the fake kernels promise).
 #include <ATen/ATen.h>
-#include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -18,34 +17,13 @@
 #include "common/correlation_ops.h"
 #include "common/tensor_layout.h"
 #include "cuda/correlation.h"
+#include "cuda/ieee_matmul.h"
 
 namespace kdops {
 namespace cuda {
 namespace {
 
 using at::Tensor;
-
-// float32 matmuls with TF32 off (and the caller's setting restored after).
-class IeeeCublasGuard {
- public:
-  IeeeCublasGuard()
-      : previous_(at::globalContext().float32Precision(at::Float32Backend::CUDA,
-                                                       at::Float32Op::MATMUL)) {
-    if (previous_ != at::Float32Precision::IEEE) set(at::Float32Precision::IEEE);
-  }
-  ~IeeeCublasGuard() {
-    if (previous_ != at::Float32Precision::IEEE) set(previous_);
-  }
-  IeeeCublasGuard(const IeeeCublasGuard&) = delete;
-  IeeeCublasGuard& operator=(const IeeeCublasGuard&) = delete;
-
- private:
-  static void set(at::Float32Precision precision) {
-    at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL,
-                                            precision);
-  }
-  at::Float32Precision previous_;
-};
 
 FeatureDType dtype_of(const Tensor& x) {
   switch (x.scalar_type()) {
