@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_check.sh              # results in benchmarks/results/ (and $OUT), logs in $OUT
 #   KDOPS_GPU_BUDGET_S=560 bash benchmarks/gpu_check.sh
 #   KDOPS_GPU_STEPS="errors tests fuzz" bash benchmarks/gpu_check.sh   # some steps only
+#   KDOPS_GPU_STEPS="bench" KDOPS_GPU_BENCH_OPS="attention_loss" bash benchmarks/gpu_check.sh
 #
 # Steps (KDOPS_GPU_STEPS, default all; the build always runs): errors, bench, profile, recipes,
 # gains (also needs KDOPS_GPU_GAINS=1), tests, fuzz.
@@ -85,7 +86,9 @@ if want errors && [ -n "$variant_env" ]; then
 fi
 
 # --- 2. op benchmarks on a quiet GPU ---------------------------------------------------------
-want bench && step bench-fused 150 230 python -m benchmarks.run --variants ${KDOPS_GPU_BENCH_VARIANTS:-cuda triton} --repeats 20
+# KDOPS_GPU_BENCH_OPS (e.g. "attention_loss class_attention_loss"): only those ops' cases.
+want bench && step bench-fused 150 230 python -m benchmarks.run --variants ${KDOPS_GPU_BENCH_VARIANTS:-cuda triton} \
+  ${KDOPS_GPU_BENCH_OPS:+--ops $KDOPS_GPU_BENCH_OPS} --repeats 20
 want profile && step profile 60 210 python -m benchmarks.profile_ops
 
 # --- 3. matmul rates, per-call overhead and recipes -----------------------------------------
