@@ -15,7 +15,6 @@
 // Determinism: work items (rows, pixel tiles) are fixed pieces independent of the thread count;
 // partial sums land in a buffer indexed by item and are added in order.
 #include <ATen/ATen.h>
-#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -27,6 +26,7 @@
 #include <vector>
 
 #include "common/correlation_ops.h"
+#include "common/ieee_matmul.h"
 
 namespace kdops {
 namespace cpu {
@@ -38,30 +38,7 @@ using correlation::Norm;
 
 constexpr int64_t kPixelTile = 256;  // pixels per work item of the per-pixel passes
 
-// torch.set_float32_matmul_precision("medium") / torch.backends.mkldnn.matmul.fp32_precision =
-// "bf16" lets oneDNN run float32 matmuls in bfloat16 on CPUs that have it. DESIGN.md forbids that
-// for these ops (the products must be float32-accurate), so the precision is IEEE while an op of
-// this family runs, and the caller's setting is restored after.
-class IeeeMatmulGuard {
- public:
-  IeeeMatmulGuard()
-      : previous_(at::globalContext().float32Precision(at::Float32Backend::MKLDNN,
-                                                       at::Float32Op::MATMUL)) {
-    if (previous_ != at::Float32Precision::IEEE) set(at::Float32Precision::IEEE);
-  }
-  ~IeeeMatmulGuard() {
-    if (previous_ != at::Float32Precision::IEEE) set(previous_);
-  }
-  IeeeMatmulGuard(const IeeeMatmulGuard&) = delete;
-  IeeeMatmulGuard& operator=(const IeeeMatmulGuard&) = delete;
-
- private:
-  static void set(at::Float32Precision precision) {
-    at::globalContext().setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL,
-                                            precision);
-  }
-  at::Float32Precision previous_;
-};
+using IeeeOneDnnGuard = IeeeMatmulGuard<at::Float32Backend::MKLDNN>;
 
 void check_cpu(const Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
@@ -223,7 +200,7 @@ Tensor channel_correlation_loss_cpu(const Tensor& student, const Tensor& teacher
   check_cpu(student, "student");
   correlation::check_pair(student, teacher, /*same_channels=*/true, /*same_spatial=*/false);
   const Norm norm = correlation::parse_norm(norm_name);
-  IeeeMatmulGuard guard;
+  IeeeOneDnnGuard guard;
   const Tensor xs = contiguous_features(student), xt = contiguous_features(teacher);
   const int64_t n = xs.size(0), c = xs.size(1);
   const LossGrams grams = loss_grams(xs, xt);
@@ -256,7 +233,7 @@ std::tuple<Tensor, Tensor> channel_correlation_loss_backward_cpu(
   const double g = correlation::scalar_of("grad_loss", grad_loss);
   const Tensor none = at::empty({0}, student.options());
   if (!student_requires_grad && !teacher_requires_grad) return {none, none};
-  IeeeMatmulGuard guard;
+  IeeeOneDnnGuard guard;
   const Tensor xs = contiguous_features(student), xt = contiguous_features(teacher);
   const int64_t n = xs.size(0), c = xs.size(1);
   const LossGrams grams = loss_grams(xs, xt);
@@ -434,7 +411,7 @@ std::tuple<Tensor, Tensor> pairwise_affinity_loss_cpu(const Tensor& student, con
                                                       bool /*detach_norm: backward only*/) {
   check_cpu(student, "student");
   correlation::check_pair(student, teacher, /*same_channels=*/false, /*same_spatial=*/true);
-  IeeeMatmulGuard guard;
+  IeeeOneDnnGuard guard;
   const Tensor xs = contiguous_features(student), xt = contiguous_features(teacher);
   const int64_t n = xs.size(0), l = xs.size(2);
   Tensor norms = at::empty({n, 2, l}, student.options().dtype(at::kDouble));
@@ -555,7 +532,7 @@ std::tuple<Tensor, Tensor> pairwise_affinity_loss_backward_cpu(
   const double g = correlation::scalar_of("grad_loss", grad_loss);
   const Tensor none = at::empty({0}, student.options());
   if (!student_requires_grad && !teacher_requires_grad) return {none, none};
-  IeeeMatmulGuard guard;
+  IeeeOneDnnGuard guard;
   const Tensor norms_c = norms.contiguous();
   const PairwiseState st = pairwise_state(student, teacher, norms_c);
   const double scale = g / (static_cast<double>(st.n) * static_cast<double>(st.l) * static_cast<double>(st.l));
@@ -633,14 +610,14 @@ std::tuple<Tensor, Tensor> pairwise_affinity_loss_backward_cpu(
 
 std::tuple<Tensor, Tensor> channel_correlation_cpu(const Tensor& x, c10::string_view norm) {
   check_cpu(x, "x");
-  IeeeMatmulGuard guard;
+  IeeeOneDnnGuard guard;
   return correlation::channel_correlation_forward(x, norm);
 }
 
 Tensor channel_correlation_backward_cpu(const Tensor& grad_gram, const Tensor& x, const Tensor& gram,
                                         const Tensor& row_norms, c10::string_view norm) {
   check_cpu(x, "x");
-  IeeeMatmulGuard guard;
+  IeeeOneDnnGuard guard;
   return correlation::channel_correlation_backward(grad_gram, x, gram, row_norms, norm);
 }
 

@@ -27,15 +27,16 @@
 #include <vector>
 
 #include "common/attention_loss.h"
+#include "common/ieee_matmul.h"
 #include "common/tensor_layout.h"
 #include "cuda/attention.h"
-#include "cuda/ieee_matmul.h"
 
 namespace kdops {
 namespace cuda {
 namespace {
 
 using at::Tensor;
+using IeeeCublasGuard = IeeeMatmulGuard<at::Float32Backend::CUDA>;
 
 AttentionDType dtype_of(const Tensor& x) {
   switch (x.scalar_type()) {

@@ -15,15 +15,16 @@
 #include <tuple>
 
 #include "common/correlation_ops.h"
+#include "common/ieee_matmul.h"
 #include "common/tensor_layout.h"
 #include "cuda/correlation.h"
-#include "cuda/ieee_matmul.h"
 
 namespace kdops {
 namespace cuda {
 namespace {
 
 using at::Tensor;
+using IeeeCublasGuard = IeeeMatmulGuard<at::Float32Backend::CUDA>;
 
 FeatureDType dtype_of(const Tensor& x) {
   switch (x.scalar_type()) {

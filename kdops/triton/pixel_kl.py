@@ -39,6 +39,22 @@ _LAUNCH_OVERRIDES: dict[str, int] = {}
 
 
 @triton.jit
+def _pixel_tile(pid, num_p_tiles, L, target_ptr, target_stride_n, target_stride_l, ignore_index,
+                BLOCK_P: tl.constexpr, HAS_TARGET: tl.constexpr):
+    """Program pid's pixels: image n, its BLOCK_P positions (int64), those in range, and those
+    that count (in range and, given a target, labelled ≠ ignore_index)."""
+    n = (pid // num_p_tiles).to(tl.int64)
+    positions = (pid % num_p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pixel_mask = positions < L
+    positions = positions.to(tl.int64)
+    valid = _valid_pixels(
+        target_ptr, n * target_stride_n + positions * target_stride_l, pixel_mask, ignore_index,
+        HAS_TARGET,
+    )
+    return n, positions, pixel_mask, valid
+
+
+@triton.jit
 def _pixel_kl_forward_kernel(
     s_ptr, t_ptr, target_ptr, kl_partials_ptr, count_partials_ptr,
     C, L, num_p_tiles,
@@ -51,13 +67,9 @@ def _pixel_kl_forward_kernel(
     pixels to kl_partials[pid] and count_partials[pid]. An ignored pixel's KL (whatever its
     logits hold, NaN included) is dropped by a select, never multiplied by 0."""
     pid = tl.program_id(0)
-    n = (pid // num_p_tiles).to(tl.int64)
-    positions = (pid % num_p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pixel_mask = positions < L
-    positions = positions.to(tl.int64)
-    valid = _valid_pixels(
-        target_ptr, n * target_stride_n + positions * target_stride_l, pixel_mask, ignore_index,
-        HAS_TARGET,
+    n, positions, pixel_mask, valid = _pixel_tile(
+        pid, num_p_tiles, L, target_ptr, target_stride_n, target_stride_l, ignore_index,
+        BLOCK_P, HAS_TARGET,
     )
     s_pixels = n * s_stride_n + positions * s_stride_l
     t_pixels = n * t_stride_n + positions * t_stride_l
@@ -85,13 +97,9 @@ def _pixel_kl_backward_kernel(
     short), then with k = g·τ/max(V, 1): grad_s = k·(q − p), grad_t = k·p(log p − log q −
     KL) at valid pixels and exactly 0 elsewhere. When C fits one chunk the tile is read once."""
     pid = tl.program_id(0)
-    n = (pid // num_p_tiles).to(tl.int64)
-    positions = (pid % num_p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pixel_mask = positions < L
-    positions = positions.to(tl.int64)
-    valid = _valid_pixels(
-        target_ptr, n * target_stride_n + positions * target_stride_l, pixel_mask, ignore_index,
-        HAS_TARGET,
+    n, positions, pixel_mask, valid = _pixel_tile(
+        pid, num_p_tiles, L, target_ptr, target_stride_n, target_stride_l, ignore_index,
+        BLOCK_P, HAS_TARGET,
     )
     num_valid = tl.maximum(tl.load(num_valid_ptr), 1).to(tl.float32)
     coef = tl.zeros([BLOCK_P], tl.float32) + tl.load(grad_loss_ptr).to(tl.float32) * tau / num_valid
