@@ -328,7 +328,8 @@ def cases(device: str, dtypes: list[torch.dtype]) -> list[Case]:
         out.append(Case(
             name=f"attention_loss[sad-at_gen {_shape_name(shallow)}+{_shape_name(deep)},"
                  f"{str(dtype).removeprefix('torch.')}]",
-            op="attention_loss", shape=f"{_shape_name(shallow)}+{_shape_name(deep)}", dtype=dtype,
+            op="attention_loss", shape=f"{_shape_name(shallow)}+{_shape_name(deep)} vs ENet-SAD at_gen",
+            dtype=dtype,
             make_inputs=_two_shapes(shallow, deep), reference=enet_sad_at_gen,
             public=lambda a, b, backend: kdops.attention_loss(a, b, backend=backend),
             bytes_fwd=sad_bytes, bytes_fwd_bwd=3 * sad_bytes, grad_inputs=2,
@@ -337,7 +338,8 @@ def cases(device: str, dtypes: list[torch.dtype]) -> list[Case]:
         at_bytes = _nbytes(at_shape, dtype)
         out.append(Case(
             name=f"attention_loss[at-zagoruyko {_shape_name(at_shape)},{str(dtype).removeprefix('torch.')}]",
-            op="attention_loss", shape=_shape_name(at_shape), dtype=dtype, make_inputs=_pair(at_shape),
+            op="attention_loss", shape=f"{_shape_name(at_shape)} vs AT at_loss", dtype=dtype,
+            make_inputs=_pair(at_shape),
             reference=zagoruyko_at_loss,
             public=lambda s, t, backend: kdops.attention_loss(s, t, 2.0, "mean", "l2", backend=backend),
             bytes_fwd=2 * at_bytes, bytes_fwd_bwd=4 * at_bytes,
