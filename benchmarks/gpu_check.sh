@@ -136,16 +136,14 @@ run_tests correlation tests/ops/test_correlation.py tests/ops/test_correlation_a
 run_tests prototypes tests/ops/test_prototypes.py tests/ops/test_prototypes_api.py tests/triton/test_prototypes_triton.py & pids+=($!)
 run_tests softmax-kl tests/ops/test_softmax_kl.py tests/ops/test_softmax_kl_regressions.py tests/triton/test_softmax_kl_triton.py & pids+=($!)
 run_tests attention tests/ops/test_attention.py tests/ops/test_attention_api.py $(ls tests/triton/test_attention*.py 2>/dev/null) & pids+=($!)
-run_tests resized-kl tests/ops/test_resized_pixel_kl.py tests/ops/test_resized_pixel_kl_cuda.py \
-  tests/triton/test_resized_pixel_kl_triton.py & pids+=($!)
+run_tests resized-kl tests/ops/test_resized_pixel_kl.py tests/triton/test_resized_pixel_kl_triton.py & pids+=($!)
 run_tests rest tests --ignore=tests/ops/test_correlation.py --ignore=tests/ops/test_correlation_api.py \
   --ignore=tests/triton/test_correlation_triton.py --ignore=tests/ops/test_prototypes.py \
   --ignore=tests/ops/test_prototypes_api.py --ignore=tests/triton/test_prototypes_triton.py \
   --ignore=tests/ops/test_softmax_kl.py --ignore=tests/ops/test_softmax_kl_regressions.py \
   --ignore=tests/triton/test_softmax_kl_triton.py --ignore=tests/ops/test_attention.py \
   --ignore=tests/ops/test_attention_api.py $(ls tests/triton/test_attention*.py 2>/dev/null | sed 's/^/--ignore=/') \
-  --ignore=tests/ops/test_resized_pixel_kl.py --ignore=tests/ops/test_resized_pixel_kl_cuda.py \
-  --ignore=tests/triton/test_resized_pixel_kl_triton.py & pids+=($!)
+  --ignore=tests/ops/test_resized_pixel_kl.py --ignore=tests/triton/test_resized_pixel_kl_triton.py & pids+=($!)
 fi
 # One core per process: 6 test processes, the rest fuzz lanes, most of them on Triton (issue 7's
 # deep run needs it; the CUDA kernels share their numerics code with the CPU ones fuzzed here).

@@ -1,13 +1,14 @@
 """Cases and checks shared by the tests of the resized_pixel_kl kernels (pixel_kl with size=):
-the CUDA kernels on a GPU (test_resized_pixel_kl_cuda.py) and their per-thread code built for
-the host (test_resized_pixel_kl_threads.py), both against the float64 reference."""
+every backend's op (test_resized_pixel_kl.py) and the CUDA kernels' per-thread code built for the
+host (test_resized_pixel_kl_threads.py), both against the float64 reference and oracle here."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from kdops.reference import softmax_kl as ref
-from tests.utils import relative_error
+# One assert_grad_close for the softmax-KL and resized tests: relative norm and every element.
+from tests.ops.test_softmax_kl import assert_grad_close  # noqa: F401
 
 # (N, C, h, w) → (H, W): 8× up (the APD/CIRKD case), odd factors, down, one axis kept, size-1
 # input and output dims, C = 1 (KL 0) and C = 19.
@@ -87,31 +88,21 @@ def target_ignoring_readers_of(batch, size, in_hw, pixel, align_corners, num_cla
     return target.to(device)
 
 
-def reference_loss_and_grads(s, t, tau, target, size, align_corners, ignore_index=255):
-    """The float64 reference's loss and gradients at the same (rounded) values."""
-    s64 = s.detach().double().cpu().requires_grad_(True)
-    t64 = t.detach().double().cpu().requires_grad_(True)
-    tgt = None if target is None else target.cpu()
+def reference_loss_and_grads(s, t, tau, target, size, align_corners, ignore_index=255, device="cpu"):
+    """The float64 reference's loss and gradients at the same (rounded) values, evaluated on
+    device (a GPU for the realistic shapes) and returned on the CPU."""
+    s64 = s.detach().double().to(device).requires_grad_(True)
+    t64 = t.detach().double().to(device).requires_grad_(True)
+    tgt = None if target is None else target.to(device)
     loss = ref.pixel_kl(s64, t64, tau, tgt, ignore_index, size=size, align_corners=align_corners)
     grad_s, grad_t = torch.autograd.grad(loss, (s64, t64))
-    return loss.detach(), grad_s, grad_t
+    return loss.detach().cpu(), grad_s.cpu(), grad_t.cpu()
 
 
 def gradient_unit(size, batch, tau, target, ignore_index=255):
     """τ/#valid: the largest magnitude of a resized pixel's gradient element (|q − p| ≤ 1)."""
     valid = batch * size[0] * size[1] if target is None else int((target != ignore_index).sum())
     return tau / max(valid, 1)
-
-
-def assert_grad_close(got, expected, tol, name, unit):
-    """Relative-norm error, and every element within tol of the gradient's scale."""
-    assert got.shape == expected.shape, (got.shape, expected.shape)
-    assert torch.isfinite(got).all(), f"{name} gradient has non-finite values"
-    err = relative_error(got, expected)
-    assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"
-    scale = max(expected.abs().max().item(), unit)
-    worst = (got.double().cpu() - expected).abs().max().item()
-    assert worst <= tol * scale, f"{name}: max element error {worst:.3g} vs scale {scale:.3g}"
 
 
 def resized_oracle(s, t, tau, target, size, align_corners, ignore_index=255):

@@ -5,8 +5,8 @@ float32 against the float64 reference and oracle.
 
 csrc/cuda/resized_pixel_kl_threads.h is what every thread of the kernels computes (__host__
 __device__ code); tests/cuda_host/resized_pixel_kl_host.cpp runs it over every work item. What
-only a GPU run checks (tests/ops/test_resized_pixel_kl_cuda.py): the grids, the block
-reductions, the 16-bit conversions and the device's exp/log.
+only a GPU run checks (the cuda-cuda rows of tests/ops/test_resized_pixel_kl.py): the grids, the
+block reductions, the 16-bit conversions and the device's exp/log.
 """
 from __future__ import annotations
 
