@@ -5,6 +5,8 @@ Math: :mod:`kdops.reference.softmax_kl`.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kdops import _checks, _extension, backend as _backend
@@ -114,6 +116,57 @@ def _pixel_kl_extension(
         loss, _ = torch.ops.kdops.resized_pixel_kl(
             student, teacher, target, ignore_index, tau, list(size), align_corners)
     return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# The op entry points' argument checks, run by the Triton ops (the C++ ops make the same checks,
+# with the same messages, in csrc/cpu/softmax_kl_common.h): an op can be called directly, without
+# the public API's checks in front of it.
+
+
+def check_op_pair(student: torch.Tensor, teacher: torch.Tensor, *, four_dims: bool = False) -> None:
+    if four_dims and student.dim() != 4:
+        raise ValueError(f"student must have shape (N, C, h, w), got {list(student.shape)}")
+    if student.dim() < 2:
+        raise ValueError(f"student must have shape (N, C, *spatial), got {list(student.shape)}")
+    if teacher.shape != student.shape:
+        raise ValueError(f"teacher must have the shape of student ({list(student.shape)}), "
+                         f"got {list(teacher.shape)}")
+    if teacher.dtype != student.dtype:
+        raise TypeError(f"teacher must have the dtype of student ({student.dtype}), got {teacher.dtype}")
+    if teacher.device != student.device:
+        raise ValueError(f"teacher must be on the device of student ({student.device}), got {teacher.device}")
+    if student.numel() == 0:
+        raise ValueError(f"student must not be empty, got shape {list(student.shape)}")
+
+
+def check_op_tau(tau: float) -> None:
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be finite and > 0, got {tau}")
+
+
+def check_op_size(size) -> None:
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"size must be (H, W) with H, W >= 1, got {list(size)}")
+
+
+def check_op_target(target: torch.Tensor | None, student: torch.Tensor, size=None) -> None:
+    """target: integer labels (N, *spatial of student), or (N, *size) for the resized op."""
+    if target is None:
+        return
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor, got {target.dtype}")
+    expected = [student.shape[0], *(size if size is not None else student.shape[2:])]
+    if list(target.shape) != expected:
+        where = "(N, *size)" if size is not None else "(N, *spatial of student)"
+        raise ValueError(f"target must have shape {expected} {where}, got {list(target.shape)}")
+    if target.device != student.device:
+        raise ValueError(f"target must be on the device of student ({student.device}), got {target.device}")
+
+
+def check_op_grad_loss(grad_loss: torch.Tensor) -> None:
+    if grad_loss.numel() != 1:
+        raise ValueError(f"grad_loss must hold one element, got shape {list(grad_loss.shape)}")
 
 
 def _stats_dtype(x: torch.Tensor) -> torch.dtype:

@@ -7,6 +7,7 @@ element they return.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -32,23 +33,42 @@ def flatten(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
-def grad_buffers(x: torch.Tensor, needed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gradient of x shaped like x, its (N, C, L) view that the kernels write).
-
-    Channels-last when x is (stride 1 over C, as the autograd engine likes a gradient laid
-    out like its input), contiguous otherwise — what empty_like(x) gives, as the fake kernels
-    promise; an empty (0,) tensor, twice, when the gradient is not requested.
-    """
+def gradient_like(x: torch.Tensor, needed: bool = True) -> torch.Tensor:
+    """The gradient of x as the fake kernels promise it: empty_like(x) (NaN under the test hook),
+    or an empty (0,) tensor of its own when it is not requested (outputs never alias)."""
     if not needed:
-        empty = x.new_empty(0)
-        return empty, empty
-    flat = flatten(x)
-    n, c, length = flat.shape
-    if flat.stride(1) == 1 and flat.stride(2) != 1:
-        grad_flat = new_buffer((n, length, c), x.dtype, x.device).permute(0, 2, 1)
-    else:
-        grad_flat = new_buffer((n, c, length), x.dtype, x.device)
-    return grad_flat.view(x.shape), grad_flat
+        return x.new_empty(0)
+    grad = torch.empty_like(x)
+    if POISON_OUTPUTS:
+        grad.fill_(float("nan"))
+    return grad
+
+
+class GradBuffer:
+    """The gradient of x (``result``, laid out as :func:`gradient_like` gives it) and the
+    (N, C, L) tensor the kernels write (``flat``): a view of the result when its spatial dims
+    merge, else a contiguous buffer that :meth:`finish` copies in (H and W strides swapped, say).
+    When the gradient is not requested both are the same empty (0,) tensor (strides() reads
+    zeros)."""
+
+    def __init__(self, x: torch.Tensor, needed: bool = True):
+        self.result = gradient_like(x, needed)
+        self.copy = False
+        if not needed:
+            self.flat = self.result
+            return
+        n, c = x.shape[:2]
+        try:
+            self.flat = self.result.view(n, c, -1)
+        except RuntimeError:
+            self.flat = new_buffer((n, c, math.prod(x.shape[2:])), x.dtype, x.device)
+            self.copy = True
+
+    def finish(self) -> torch.Tensor:
+        """The gradient, once the kernels have written ``flat``."""
+        if self.copy:
+            self.result.copy_(self.flat.view(self.result.shape))
+        return self.result
 
 
 def strides(flat: torch.Tensor) -> tuple[int, int, int]:

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from kdops.ops.attention import fused_backend_functions, register_attention_ops
 from kdops.triton import _launch
-from kdops.triton._launch import check_kernel_dtype, device_guard, flatten, grad_buffers, new_buffer
+from kdops.triton._launch import GradBuffer, check_kernel_dtype, device_guard, flatten, new_buffer
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -299,14 +299,14 @@ def _attention_reduce_backward(grad_map: torch.Tensor, x: torch.Tensor, p: float
     flat = flatten(x)
     n, c, length = flat.shape
     g = grad_map.to(torch.float32).contiguous()
-    grad_x, grad_flat = grad_buffers(x)
+    grad = GradBuffer(x)
     block_c, block_l = _reduce_blocks(flat)
     with device_guard(x):
         _attention_reduce_backward_kernel[(n, triton.cdiv(length, block_l), triton.cdiv(c, block_c))](
-            g, flat, grad_flat, c, length, *flat.stride(), *grad_flat.stride(), float(p),
+            g, flat, grad.flat, c, length, *flat.stride(), *grad.flat.stride(), float(p),
             1.0 / c if mean else 1.0, KIND=_power_kind(p), BLOCK_C=block_c, BLOCK_L=block_l,
         )
-    return grad_x
+    return grad.finish()
 
 
 def _exact_f32_dot(x: torch.Tensor) -> bool:
@@ -362,11 +362,12 @@ def _class_attention_scores_backward(
     grad_x, grad_w, grad_b = x.new_empty((0,)), x.new_empty((0,)), x.new_empty((0,))
     with device_guard(x):
         if x_requires_grad:
-            grad_x, grad_flat = grad_buffers(x)
+            grad = GradBuffer(x)
             _class_grad_x_kernel[(n, triton.cdiv(length, block_l), triton.cdiv(c, block_c))](
-                g, weight, grad_flat, k, c, length, *weight.stride(), *grad_flat.stride(),
+                g, weight, grad.flat, k, c, length, *weight.stride(), *grad.flat.stride(),
                 LOW=low, EXACT_F32_DOT=_exact_f32_dot(x), BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_L=block_l,
             )
+            grad_x = grad.finish()
         if weight_requires_grad:
             partial = new_buffer((n, k, c), torch.float32, x.device)
             _class_grad_w_kernel[(triton.cdiv(k, block_k), triton.cdiv(c, block_c), n)](

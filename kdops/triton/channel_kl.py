@@ -19,9 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kdops.ops.softmax_kl import ROW_STATS, register_channel_kl_ops
+from kdops.ops.softmax_kl import (
+    ROW_STATS, check_op_grad_loss, check_op_pair, check_op_tau, register_channel_kl_ops,
+)
 from kdops.triton._launch import (
-    check_kernel_dtype, device_guard, flatten, grad_buffers, new_buffer, strides,
+    GradBuffer, check_kernel_dtype, device_guard, flatten, new_buffer, strides,
 )
 from kdops.triton.softmax_kl_rows import (
     _LN2, _LOG2E, _LOWEST, LOG2E, _kl_from_stats, _kl_grads, _merge_lanes, _online_add,
@@ -254,14 +256,20 @@ def _row_tiling(s: torch.Tensor, t: torch.Tensor, *, backward: bool) -> _RowTili
     return _RowTiling(block_r, block_l, num_c_tiles, splits, blocks_per_split, num_warps)
 
 
+def _check_args(student, teacher, tau) -> None:
+    """The C++ op's checks, with its messages (the op can be called directly)."""
+    check_op_pair(student, teacher)
+    check_kernel_dtype("student", student)
+    check_op_tau(tau)
+
+
 def _channel_kl_forward(
     student: torch.Tensor, teacher: torch.Tensor, tau: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, row_stats): loss = τ²/(N·C) · Σ_rows KL, a float32 scalar; row_stats (N·C, 5)
     float32 = per row [max s, log z_s, max t, log z_t, KL] over the L positions (maxima raw,
     z = Σ exp((x − max)/τ))."""
-    check_kernel_dtype("student", student)
-    check_kernel_dtype("teacher", teacher)
+    _check_args(student, teacher, tau)
     s, t = flatten(student), flatten(teacher)
     n, c, length = s.shape
     num_rows = n * c
@@ -292,10 +300,13 @@ def _channel_kl_backward(
     tau: float, student_requires_grad: bool, teacher_requires_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_student, grad_teacher), each shaped like its input or empty when not requested."""
+    check_op_grad_loss(grad_loss)
+    _check_args(student, teacher, tau)
     s, t = flatten(student), flatten(teacher)
     n, c, length = s.shape
-    grad_student, grad_s = grad_buffers(student, student_requires_grad)
-    grad_teacher, grad_t = grad_buffers(teacher, teacher_requires_grad)
+    grad_student = GradBuffer(student, student_requires_grad)
+    grad_teacher = GradBuffer(teacher, teacher_requires_grad)
+    grad_s, grad_t = grad_student.flat, grad_teacher.flat
     if student_requires_grad or teacher_requires_grad:
         tiling = _row_tiling(s, t, backward=True)
         with device_guard(s):
@@ -308,7 +319,7 @@ def _channel_kl_backward(
                 STUDENT_GRAD=student_requires_grad, TEACHER_GRAD=teacher_requires_grad,
                 num_warps=tiling.num_warps,
             )
-    return grad_student, grad_teacher
+    return grad_student.finish(), grad_teacher.finish()
 
 
 # ---------------------------------------------------------------------------------------------

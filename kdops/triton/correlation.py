@@ -34,8 +34,7 @@ import triton.language as tl
 
 from kdops.backend import triton_interpreting
 from kdops.ops.correlation import register_correlation_ops
-from kdops.triton import _launch
-from kdops.triton._launch import check_kernel_dtype, device_guard, flatten, new_buffer
+from kdops.triton._launch import GradBuffer, check_kernel_dtype, device_guard, flatten, new_buffer
 
 _NORM_EPS = tl.constexpr(1e-12)
 _NORM_CODES = {"row": 0, "l": 1, "none": 2}
@@ -481,28 +480,6 @@ def _gram_rows_backward_kernel(grad_ptr, out_ptr, norms_ptr, half_ptr, C, inv_le
 # ---------------------------------------------------------------------------------------------
 
 
-class _GradBuffer:
-    """The gradient of x laid out as empty_like(x) (what the fake kernels promise), and the
-    (N, C, L) tensor the kernels write: its view when the spatial dims merge, else a contiguous
-    buffer that finish() copies in (e.g. H and W strides swapped)."""
-
-    def __init__(self, x: torch.Tensor):
-        self.result = torch.empty_like(x)
-        if _launch.POISON_OUTPUTS:
-            self.result.fill_(float("nan"))
-        try:
-            self.flat = self.result.view(x.shape[0], x.shape[1], -1)
-            self.copy = False
-        except RuntimeError:
-            self.flat = new_buffer((x.shape[0], x.shape[1], self.result[0, 0].numel()), x.dtype, x.device)
-            self.copy = True
-
-    def finish(self) -> torch.Tensor:
-        if self.copy:
-            self.result.copy_(self.flat.view(self.result.shape))
-        return self.result
-
-
 def _precision() -> str:
     # Three-TF32 products on GPU (float32-accurate, tensor cores); the interpreter computes
     # in numpy float32 whatever the setting.
@@ -592,7 +569,7 @@ def _pairwise_backward(grad_loss, student, teacher, norms, detach_norm, student_
             if not wanted:
                 outs.append(none)
                 continue
-            buffer = _GradBuffer(x_in)
+            buffer = GradBuffer(x_in)
             grad_flat = buffer.flat
             channels = x.shape[1]
             target = grad_flat if detach_norm else new_buffer((n, channels, length), torch.float32, x.device)
@@ -683,7 +660,7 @@ def _correlation_loss_backward(grad_loss, student, teacher, norm, student_requir
             if not wanted:
                 outs.append(none)
                 continue
-            buffer = _GradBuffer(x_in)
+            buffer = GradBuffer(x_in)
             grad_flat = buffer.flat
             length = x.shape[2]
             grid = (n, triton.cdiv(c, b["block"]), triton.cdiv(length, b["block_l"]))
@@ -726,7 +703,7 @@ def _channel_correlation_backward(grad_gram, x, gram, row_norms, norm):
             grad_gram, gram.contiguous(), row_norms.contiguous(), half, c, 1.0 / length,
             *grad_gram.stride(), NORM=_NORM_CODES[norm], BLOCK_C=b["block_rows"],
         )
-        buffer = _GradBuffer(x)
+        buffer = GradBuffer(x)
         grad_flat = buffer.flat
         grid = (n, triton.cdiv(c, b["block"]), triton.cdiv(length, b["block_l"]))
         _symmetric_product_kernel[grid](

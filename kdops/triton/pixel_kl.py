@@ -18,10 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kdops.ops.softmax_kl import register_pixel_kl_ops
+from kdops.ops.softmax_kl import (
+    check_op_grad_loss, check_op_pair, check_op_target, check_op_tau, register_pixel_kl_ops,
+)
 from kdops.triton import resized_pixel_kl  # noqa: F401  (defines kdops_triton::resized_pixel_kl)
 from kdops.triton._launch import (
-    check_kernel_dtype, device_guard, flatten, grad_buffers, new_buffer, strides,
+    GradBuffer, check_kernel_dtype, device_guard, flatten, new_buffer, strides,
 )
 from kdops.triton.softmax_kl_rows import (
     _LN2, LOG2E, _kl_from_stats, _load_pixel_chunk, _pixel_chunk_stats, _pixel_stats,
@@ -184,14 +186,21 @@ def _target_args(target: torch.Tensor | None, n: int) -> tuple:
     return (flat, *flat.stride())
 
 
+def _check_args(student, teacher, target, tau) -> None:
+    """The C++ op's checks, with its messages (the op can be called directly)."""
+    check_op_pair(student, teacher)
+    check_kernel_dtype("student", student)
+    check_op_tau(tau)
+    check_op_target(target, student)
+
+
 def _pixel_kl_forward(
     student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None, ignore_index: int,
     tau: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, num_valid): loss = τ²/max(V, 1) · Σ_valid KL, a float32 scalar; num_valid V, the
     int64 count of valid pixels (N·L without target)."""
-    check_kernel_dtype("student", student)
-    check_kernel_dtype("teacher", teacher)
+    _check_args(student, teacher, target, tau)
     s, t = flatten(student), flatten(teacher)
     n, c, length = s.shape
     tiling = _pixel_tiling(c, length, s.element_size())
@@ -219,10 +228,13 @@ def _pixel_kl_backward(
     student_requires_grad: bool, teacher_requires_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_student, grad_teacher), each shaped like its input or empty when not requested."""
+    check_op_grad_loss(grad_loss)
+    _check_args(student, teacher, target, tau)
     s, t = flatten(student), flatten(teacher)
     n, c, length = s.shape
-    grad_student, grad_s = grad_buffers(student, student_requires_grad)
-    grad_teacher, grad_t = grad_buffers(teacher, teacher_requires_grad)
+    grad_student = GradBuffer(student, student_requires_grad)
+    grad_teacher = GradBuffer(teacher, teacher_requires_grad)
+    grad_s, grad_t = grad_student.flat, grad_teacher.flat
     if student_requires_grad or teacher_requires_grad:
         tiling = _pixel_tiling(c, length, s.element_size())
         target_flat, target_stride_n, target_stride_l = _target_args(target, n)
@@ -237,7 +249,7 @@ def _pixel_kl_backward(
                 BLOCK_C=tiling.block_c, NUM_C_CHUNKS=tiling.num_c_chunks,
                 num_warps=tiling.num_warps,
             )
-    return grad_student, grad_teacher
+    return grad_student.finish(), grad_teacher.finish()
 
 
 # ---------------------------------------------------------------------------------------------

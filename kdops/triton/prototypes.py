@@ -34,7 +34,7 @@ import triton.language as tl
 from kdops.ops.prototypes import register_prototype_ops
 from kdops.triton import _launch
 from kdops.triton._launch import (
-    check_kernel_dtype, device_guard, flatten, grad_buffers, new_buffer, strides,
+    GradBuffer, check_kernel_dtype, device_guard, flatten, new_buffer, strides,
 )
 
 _NORM_EPS = 1e-12  # F.normalize's floor on a norm
@@ -557,7 +557,8 @@ def _prototype_pool_backward(grad_protos, x, labels, counts, ignore_index, norma
     flat = flatten(x)
     n, c, length = flat.shape
     rows = (grad_protos.float() / counts.clamp(min=1).unsqueeze(-1)).contiguous()
-    grad, grad_flat = grad_buffers(x, True)
+    grad = GradBuffer(x)
+    grad_flat = grad.flat
     label_args = _Labels(labels, x.shape[2], x.shape[3], num_classes, ignore_index)
     block_p, block_c = _launch("block_p", _BLOCK_P), _launch("block_c", _BLOCK_C)
     num_tiles = triton.cdiv(length, block_p)
@@ -575,7 +576,7 @@ def _prototype_pool_backward(grad_protos, x, labels, counts, ignore_index, norma
                 num_tiles, group_stride, *grad_flat.stride(), *label_args.args,
                 BLOCK_C=block_c, BLOCK_P=block_p,
             )
-    return grad
+    return grad.finish()
 
 
 # -- prototype_kl --------------------------------------------------------------------------
@@ -605,8 +606,8 @@ def _kl_launch(student, teacher, student_protos, teacher_protos, counts, tau, *,
     num_tiles = triton.cdiv(length, block_p)
     grid = (n * num_tiles,)
     partials = new_buffer(grid if not backward else (0,), torch.float32, s.device)
-    grad_student, grad_s = grad_buffers(student, needs[0])
-    grad_teacher, grad_t = grad_buffers(teacher, needs[1])
+    grad_student, grad_teacher = GradBuffer(student, needs[0]), GradBuffer(teacher, needs[1])
+    grad_s, grad_t = grad_student.flat, grad_teacher.flat
     s_partials = new_buffer((n * num_tiles, num_classes, cs) if needs[2] else (0,), torch.float32, s.device)
     t_partials = new_buffer((n * num_tiles, num_classes, ct) if needs[3] else (0,), torch.float32, s.device)
     with device_guard(s):
@@ -632,7 +633,7 @@ def _kl_launch(student, teacher, student_protos, teacher_protos, counts, tau, *,
         return _protos_grad_from_hat(grad_hat, hat, norm).to(protos.dtype)
 
     return (
-        grad_student, grad_teacher,
+        grad_student.finish(), grad_teacher.finish(),
         protos_grad(s_partials, s_hat, s_norm, student_protos, needs[2]),
         protos_grad(t_partials, t_hat, t_norm, teacher_protos, needs[3]),
     )
@@ -699,10 +700,11 @@ def _class_variation_loss_backward(grad_loss, student, teacher, labels, student_
     s_hat, s_norm = _normalized(student_protos.float())
     t_hat, t_norm = _normalized(teacher_protos.float())
     s_hat, t_hat = s_hat.contiguous(), t_hat.contiguous()
-    grad_student, grad_s = grad_buffers(student, student_requires_grad)
-    grad_teacher, grad_t = grad_buffers(teacher, teacher_requires_grad)
+    grad_student = GradBuffer(student, student_requires_grad)
+    grad_teacher = GradBuffer(teacher, teacher_requires_grad)
+    grad_s, grad_t = grad_student.flat, grad_teacher.flat
     if not (student_requires_grad or teacher_requires_grad):
-        return grad_student, grad_teacher
+        return grad_student.finish(), grad_teacher.finish()
     e, m_s, m_t, norm_s, norm_t = _variation_pass(student, teacher, label_args, s_hat, t_hat, backward=True,
                                                   grad_loss=grad_loss)
     block_p, block_c = _launch("block_p", _BLOCK_P), _launch("block_c", _BLOCK_C)
@@ -728,7 +730,7 @@ def _class_variation_loss_backward(grad_loss, student, teacher, labels, student_
         side(student, grad_s, s_hat, s_norm, m_s, norm_s, 1.0)
     if teacher_requires_grad:
         side(teacher, grad_t, t_hat, t_norm, m_t, norm_t, -1.0)
-    return grad_student, grad_teacher
+    return grad_student.finish(), grad_teacher.finish()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,8 +52,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kdops.ops.softmax_kl import register_resized_pixel_kl_ops
-from kdops.triton._launch import check_kernel_dtype, device_guard, grad_buffers, new_buffer
+from kdops.ops.softmax_kl import (
+    check_op_grad_loss, check_op_pair, check_op_size, check_op_target, check_op_tau,
+    register_resized_pixel_kl_ops,
+)
+from kdops.triton._launch import check_kernel_dtype, device_guard, gradient_like, new_buffer
 from kdops.triton.softmax_kl_rows import (
     LOG2E, _LN2, _LOWEST, _kl_from_stats, _kl_grads, _merged, _pixel_chunk_stats, _valid_pixels,
 )
@@ -435,6 +438,15 @@ def _target_args(target: torch.Tensor | None) -> tuple:
     return (target, *target.stride())
 
 
+def _check_args(student, teacher, target, tau, size) -> None:
+    """The C++ op's checks, with its messages (the op can be called directly)."""
+    check_op_pair(student, teacher, four_dims=True)
+    check_kernel_dtype("student", student)
+    check_op_tau(tau)
+    check_op_size(size)
+    check_op_target(target, student, size)
+
+
 def _forward(
     student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None, ignore_index: int,
     tau: float, size: list[int], align_corners: bool,
@@ -442,8 +454,7 @@ def _forward(
     """(loss, num_valid): loss = τ²/max(V, 1) · Σ_valid KL over the (H, W) output pixels, a
     float32 scalar; num_valid V, the int64 count of valid output pixels (N·H·W without
     target)."""
-    check_kernel_dtype("student", student)
-    check_kernel_dtype("teacher", teacher)
+    _check_args(student, teacher, target, tau, size)
     n, c, in_h, in_w = student.shape
     out_h, out_w = size
     rows, cols = _axis(in_h, out_h, align_corners), _axis(in_w, out_w, align_corners)
@@ -506,8 +517,11 @@ def _backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_student, grad_teacher), each shaped like its input (N, C, h, w), or empty when not
     requested."""
-    grad_student, _ = grad_buffers(student, student_requires_grad)
-    grad_teacher, _ = grad_buffers(teacher, teacher_requires_grad)
+    check_op_grad_loss(grad_loss)
+    _check_args(student, teacher, target, tau, size)
+    # The kernels write any (N, C, h, w) strides: the gradients as the fake kernels promise them.
+    grad_student = gradient_like(student, student_requires_grad)
+    grad_teacher = gradient_like(teacher, teacher_requires_grad)
     if not (student_requires_grad or teacher_requires_grad):
         return grad_student, grad_teacher
     n, c, in_h, in_w = student.shape

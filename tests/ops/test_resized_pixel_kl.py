@@ -42,7 +42,6 @@ CPU_ONLY = [p for p in BACKENDS if p.id == "cpu-cpu"]
 INTERPRETER = [p for p in BACKENDS if p.id == "cpu-triton"]
 COMPILED = [p for p in BACKENDS if p.id != "cpu-triton"]
 GPU = [p for p in BACKENDS if p.values[0] == "cuda"]
-TRITON_BACKENDS = ("triton",)
 
 FP32 = TOLERANCES[:1]
 HALF = TOLERANCES[1:]
@@ -83,15 +82,6 @@ def on_every_backend(cases):
     """Every case on the compiled backends, and on the interpreter those not INTERPRETER_HEAVY."""
     light = [case for case in cases if case.id not in INTERPRETER_HEAVY]
     return on(COMPILED, cases) + on(INTERPRETER, light)
-
-
-def known_failure(backends, names, reason):
-    """The params of backends, those of the backends in names marked xfail(strict=True, reason):
-    a fix turns them red, so that the mark goes with the bug."""
-    return [pytest.param(*p.values, id=p.id,
-                         marks=[*p.marks, *([pytest.mark.xfail(strict=True, reason=reason)]
-                                            if p.values[1] in names else [])])
-            for p in backends]
 
 
 def ops(backend):
@@ -185,15 +175,9 @@ def test_layouts(device, backend, dtype, loss_tol, grad_tol, layout, align_corne
     check(backend, s, t, 0.5, target, (7, 9), align_corners, loss_tol, grad_tol)
 
 
-TRANSPOSED_GRADIENT_BUG = (
-    "kdops/triton/_launch.py grad_buffers returns a contiguous gradient for a dense input that is "
-    "not channels-last (H and W strides swapped), where the fake kernel's empty_like keeps the "
-    "input's strides")
-
-
 @pytest.mark.parametrize("device,backend,layout", on(
-    BACKENDS, layout_cases("contiguous", "channels_last", "strided", "student-strided"),
-) + on(known_failure(BACKENDS, TRITON_BACKENDS, TRANSPOSED_GRADIENT_BUG), layout_cases("transposed_hw")))
+    BACKENDS, layout_cases("contiguous", "channels_last", "strided", "student-strided", "transposed_hw"),
+))
 def test_gradients_laid_out_as_empty_like(device, backend, layout):
     """Each gradient comes back in the layout empty_like(input) gives: what the fake kernel
     promises torch.compile."""
@@ -587,10 +571,7 @@ def test_size_needs_four_dimensional_logits():
         kdops.pixel_kl(s, s, size=(4, 4))
 
 
-@pytest.mark.parametrize("device,backend", known_failure(
-    BACKENDS, TRITON_BACKENDS, "the kdops_triton ops do not check their arguments (kdops.pixel_kl does "
-    "before it calls them): a wrong size or tau divides by zero, a wrong target or teacher shape "
-    "or grad_loss is read as it is"))
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_op_argument_errors(device, backend):
     """The op's own checks, each naming its argument (the public API checks first; the op can be
     called directly)."""
