@@ -78,11 +78,13 @@ def map_evaluation_weight(s: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def normalise_backward(s, a, d, norm):
-    """∂loss/∂S from d = ∂loss/∂A, with A an input of its own (as the kernels recompute it)."""
+    """∂loss/∂S from d = ∂loss/∂A, with A an input of its own (as the kernels recompute it).
+    l2 below the clamp (‖S‖ < 1e-12) is A = S/1e-12: ∂ = d/1e-12, no projection."""
     if norm == "softmax":
         return a * (d - (a * d).sum(-1, keepdim=True))
     if norm == "l2":
-        return (d - a * (a * d).sum(-1, keepdim=True)) / normalise_length(s)
+        above = (s * s).sum(-1, keepdim=True) > 1e-24
+        return torch.where(above, d - a * (a * d).sum(-1, keepdim=True), d) / normalise_length(s)
     return d
 
 
@@ -401,6 +403,23 @@ def test_attention_loss_roundoff_only_cases(device, backend, dtype, student_shap
     fn = lambda a, b: kdops.attention_loss(a, b, p, "mean", "softmax", size, backend=backend)  # noqa: E731
     loss, *grads = run(fn, *_device(device, s, t), True, 1.0)
     check(dtype, loss, grads, attention_oracle(s, t, p, "mean", "softmax", size), 1.0)
+
+
+@pytest.mark.parametrize("device,backend", fz.backends("attention_loss"))
+def test_attention_loss_l2_maps_below_the_clamp(device, backend):
+    """l2 maps whose norm is below F.normalize's eps (1e-12): A = S/eps there, whose backward has
+    no projection term. A random-seed run found the oracle using the projection (the kernels and
+    the reference were right): tiny features at p ≈ 4 give maps of norm ~1e-12."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(1, 16, 4, 4, generator=g, dtype=torch.float64) * 4e-4
+    t = torch.randn(1, 16, 3, 4, generator=g, dtype=torch.float64) * 5e-4
+    size = (1, 2)
+    for x in (s, t):
+        maps = resize(x.abs().pow(3.925).mean(1), size).reshape(1, -1)
+        assert 1e-13 < maps.norm().item() < 1e-12  # below the clamp, not at its kink
+    fn = lambda a, b: kdops.attention_loss(a, b, 3.925, "mean", "l2", size, backend=backend)  # noqa: E731
+    loss, *grads = run(fn, *_device(device, s.float(), t.float()), True, -2.5)
+    check(torch.float32, loss, grads, attention_oracle(s.float(), t.float(), 3.925, "mean", "l2", size), -2.5)
 
 
 @pytest.mark.parametrize("device,backend", fz.backends("class_attention_loss"))
