@@ -40,6 +40,18 @@ _LAUNCH_OVERRIDES: dict[str, int] = {}
 
 
 @triton.jit
+def _row_tile(pid, splits, num_c_tiles, C, BLOCK_R: tl.constexpr):
+    """Program pid = row_tile·splits + split: its split, image n, the BLOCK_R channels of its
+    row tile (int64) and those in range."""
+    split = pid % splits
+    row_tile = pid // splits
+    n = (row_tile // num_c_tiles).to(tl.int64)
+    channels = (row_tile % num_c_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = channels < C
+    return split, n, channels.to(tl.int64), row_mask
+
+
+@triton.jit
 def _channel_kl_partials_kernel(
     s_ptr, t_ptr, partials_ptr,
     C, L, num_rows, num_c_tiles, splits, blocks_per_split,
@@ -53,13 +65,7 @@ def _channel_kl_partials_kernel(
     of its rows once, keeping per lane the running statistics, and writes per row the partial
     (m_s, sum_s, m_t, sum_t, cross) to partials (5, num_rows, splits).
     """
-    pid = tl.program_id(0)
-    split = pid % splits
-    row_tile = pid // splits
-    n = (row_tile // num_c_tiles).to(tl.int64)
-    channels = (row_tile % num_c_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = channels < C
-    channels = channels.to(tl.int64)
+    split, n, channels, row_mask = _row_tile(tl.program_id(0), splits, num_c_tiles, C, BLOCK_R)
     s_rows = n * s_stride_n + channels * s_stride_c
     t_rows = n * t_stride_n + channels * t_stride_c
 
@@ -146,13 +152,7 @@ def _channel_kl_backward_kernel(
     Elementwise given row_stats: the forward's row tiles, each row cut into runs of a few tiles
     (one program per run), one more read of s and t, each requested gradient written once.
     """
-    pid = tl.program_id(0)
-    split = pid % splits
-    row_tile = pid // splits
-    n = (row_tile // num_c_tiles).to(tl.int64)
-    channels = (row_tile % num_c_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = channels < C
-    channels = channels.to(tl.int64)
+    split, n, channels, row_mask = _row_tile(tl.program_id(0), splits, num_c_tiles, C, BLOCK_R)
     stats = row_stats_ptr + (n * C + channels) * 5
     m_s = tl.load(stats, mask=row_mask, other=0.0)[:, None]
     log2_zs = (tl.load(stats + 1, mask=row_mask, other=0.0) * _LOG2E)[:, None]

@@ -58,7 +58,8 @@ from kdops.ops.softmax_kl import (
 )
 from kdops.triton._launch import check_kernel_dtype, device_guard, gradient_like, new_buffer
 from kdops.triton.softmax_kl_rows import (
-    LOG2E, _LN2, _LOWEST, _kl_from_stats, _kl_grads, _merged, _pixel_chunk_stats, _valid_pixels,
+    LOG2E, _LN2, _empty_pixel_stats, _kl_from_stats, _kl_grads, _merged, _pixel_chunk_stats,
+    _valid_pixels,
 )
 
 # Test hook: replaces launch heuristics (keys "block_p", "block_c" of the forward tiles,
@@ -171,11 +172,7 @@ def _resized_stats(
 ):
     """Per output pixel of a tile: the statistics (m_s, Σ_s, m_t, Σ_t, cross) of its
     interpolated logits over all C channels, BLOCK_C at a time."""
-    m_s = tl.full([BLOCK_P], _LOWEST, tl.float32)
-    m_t = tl.full([BLOCK_P], _LOWEST, tl.float32)
-    sum_s = tl.zeros([BLOCK_P], tl.float32)
-    sum_t = tl.zeros([BLOCK_P], tl.float32)
-    cross = tl.zeros([BLOCK_P], tl.float32)
+    m_s, sum_s, m_t, sum_t, cross = _empty_pixel_stats(BLOCK_P)
     for c0 in range(0, C, BLOCK_C):
         s, t, _, channel_mask, _ = _resized_chunk(
             s_ptr, t_ptr, s_rows0, s_rows1, s_cols0, s_cols1, t_rows0, t_rows1, t_cols0, t_cols1,

@@ -188,16 +188,20 @@ def _merged(m_s, sum_s, m_t, sum_t, cross, cm_s, csum_s, cm_t, csum_t, ccross, c
 
 
 @triton.jit
+def _empty_pixel_stats(BLOCK_P: tl.constexpr):
+    """The statistics (m_s, sum_s, m_t, sum_t, cross) of BLOCK_P pixels before any channel."""
+    lowest = tl.full([BLOCK_P], _LOWEST, tl.float32)
+    zeros = tl.zeros([BLOCK_P], tl.float32)
+    return lowest, zeros, lowest, zeros, zeros
+
+
+@triton.jit
 def _pixel_stats(
     s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, C, pixel_mask, c,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per pixel of a tile: the merged statistics over all C channels, BLOCK_C at a time."""
-    m_s = tl.full([BLOCK_P], _LOWEST, tl.float32)
-    m_t = tl.full([BLOCK_P], _LOWEST, tl.float32)
-    sum_s = tl.zeros([BLOCK_P], tl.float32)
-    sum_t = tl.zeros([BLOCK_P], tl.float32)
-    cross = tl.zeros([BLOCK_P], tl.float32)
+    m_s, sum_s, m_t, sum_t, cross = _empty_pixel_stats(BLOCK_P)
     for c0 in range(0, C, BLOCK_C):
         s, t, _, channel_mask, _ = _load_pixel_chunk(
             s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, c0, C, pixel_mask, BLOCK_C,
