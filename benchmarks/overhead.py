@@ -11,8 +11,16 @@ op's time. For each op this times, forward only on tiny inputs, three calls of t
   C++ kernels, the Triton launcher, or the reference function) — the floor;
 * ``reference``: the reference implementation called directly (what plain PyTorch costs).
 
-and reports the medians in µs and ``public − bare`` (target: ≤ 10 µs on CPU). Results go to
-``benchmarks/results/<device>-overhead.json``.
+and reports the medians in µs and ``public − bare`` (target: ≤ 10 µs on CPU). Then, with the
+first input requiring grad, a training step's call, forward and backward (``out.sum()`` for an
+op that returns a map):
+
+* ``step``: ``kdops.<op>(...)`` with ``backend="auto"``, then ``backward()``: the kernels plus
+  the autograd layer (``torch.library.register_autograd``) around them;
+* ``reference_step``: the same through ``backend="reference"`` (plain PyTorch autograd).
+
+On tiny inputs these are per-call costs, not bandwidth: what a step pays for each loss it calls.
+Results go to ``benchmarks/results/<device>-overhead.json``.
 """
 from __future__ import annotations
 
@@ -112,7 +120,26 @@ def measure_overheads(device: str, repeats: int, inner: int) -> list[dict]:
                                                 inner=inner, device=device)
             row["overhead_us"] = row["public_us"] - row["bare_us"]
             rows.append(row)
+    for row in rows:
+        args, kwargs, _ = tiny_calls(device)[row["op"]]
+        leaf = args[0].detach().requires_grad_(True)
+        for key, backend in (("step_us", None), ("reference_step_us", "reference")):
+            row[key] = median_us(training_step(getattr(kdops, row["op"]), (leaf, *args[1:]), kwargs, backend),
+                                 repeats=repeats, inner=inner, device=device)
     return rows
+
+
+def training_step(public_fn, args, kwargs, backend):
+    """A call of public_fn as a training step makes it: forward, then backward into args[0]."""
+    leaf = args[0]
+
+    def step():
+        leaf.grad = None
+        out = public_fn(*args, **kwargs, backend=backend)
+        out = out[0] if isinstance(out, tuple) else out  # prototype_pool: (prototypes, counts)
+        (out if out.dim() == 0 else out.sum()).backward()
+
+    return step
 
 
 def main(argv=None) -> None:
@@ -123,12 +150,13 @@ def main(argv=None) -> None:
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     rows = measure_overheads(args.device, args.repeats, args.inner)
-    print(f"{'op':26s} {'backend':9s} {'public µs':>10s} {'bare µs':>9s} {'overhead':>9s} {'reference µs':>12s}")
+    print(f"{'op':26s} {'backend':9s} {'public µs':>10s} {'bare µs':>9s} {'overhead':>9s} {'reference µs':>12s}"
+          f" {'step µs':>8s} {'ref. step µs':>12s}")
     for r in rows:
         ref = f"{r['reference_us']:.1f}" if "reference_us" in r else "–"
         mark = "*" if r["bare_is_checked"] else ""
         print(f"{r['op']:26s} {r['backend']:9s} {r['public_us']:10.1f} {r['bare_us']:8.1f}{mark:1s} "
-              f"{r['overhead_us']:9.1f} {ref:>12s}")
+              f"{r['overhead_us']:9.1f} {ref:>12s} {r['step_us']:8.1f} {r['reference_step_us']:12.1f}")
     print("* bare = the public op with the backend named (its checks included)")
     if args.no_save:
         return
