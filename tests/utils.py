@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdops import backend as kd_backend
 
@@ -86,3 +87,20 @@ TOLERANCES = [
     pytest.param(torch.float16, 1e-4, 2e-3, id="fp16"),
     pytest.param(torch.bfloat16, 1e-4, 1e-2, id="bf16"),
 ]
+
+
+class OpCalls(TorchDispatchMode):
+    """Records (args, outputs) of every call of the ops named (``torch.ops`` names without the
+    namespace or overload, e.g. "pixel_kl_backward") while the mode is active: which gradients a
+    backward op was asked for, and what it returned."""
+
+    def __init__(self, *names: str):
+        super().__init__()
+        self.names = names
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.split(".")[0] in self.names:
+            self.calls.append((args, out))
+        return out

@@ -12,12 +12,11 @@ import importlib
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdops
 from kdops import backend as kd_backend
 from kdops.reference import correlation as ref
-from tests.utils import TOLERANCES, backend_params, make_layout, relative_error
+from tests.utils import TOLERANCES, OpCalls, backend_params, make_layout, relative_error
 
 GRAM_BACKENDS = backend_params("channel_correlation")
 LOSS_BACKENDS = backend_params("channel_correlation_loss")
@@ -276,20 +275,6 @@ def test_identical_inputs_give_zero(device, backend):
 # Gradients requested, memory saved, determinism, matmul precision
 
 
-class BackwardCalls(TorchDispatchMode):
-    """Records the calls of the backward ops: their requires_grad flags and outputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.__name__.split(".")[0] in ("channel_correlation_loss_backward", "pairwise_affinity_loss_backward"):
-            self.calls.append((args[-2], args[-1], out))
-        return out
-
-
 LOSS_CALLS = [
     pytest.param(lambda a, b, backend: kdops.channel_correlation_loss(a, b, "row", backend=backend),
                  lambda a, b: ref.channel_correlation_loss(a, b, "row"), id="channel_correlation_loss"),
@@ -308,9 +293,10 @@ def test_one_gradient_requested(device, backend, loss_fn, reference, wanted):
     t.requires_grad_(wanted == "teacher")
     loss = loss_fn(s, t, backend)
     _, (grad_s_ref, grad_t_ref) = reference_of(reference, [s, t])
-    with BackwardCalls() as mode:
+    with OpCalls("channel_correlation_loss_backward", "pairwise_affinity_loss_backward") as mode:
         loss.backward()
-    (student_flag, teacher_flag, (grad_s, grad_t)), = mode.calls
+    ((args, (grad_s, grad_t)),) = mode.calls
+    student_flag, teacher_flag = args[-2:]
     assert (student_flag, teacher_flag) == (wanted == "student", wanted == "teacher")
     if wanted == "student":
         assert grad_t.numel() == 0 and t.grad is None

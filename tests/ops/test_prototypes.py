@@ -17,12 +17,11 @@ import textwrap
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdops
 from kdops import backend as kd_backend
 from kdops.reference import prototypes as ref
-from tests.utils import TOLERANCES, backend_params, make_layout
+from tests.utils import TOLERANCES, OpCalls, backend_params, make_layout
 
 POOL_BACKENDS = backend_params("prototype_pool")
 KL_BACKENDS = backend_params("prototype_kl")
@@ -476,31 +475,15 @@ def test_same_result_for_any_thread_count(device, backend):
         assert torch.equal(a, b)
 
 
-class BackwardCalls(TorchDispatchMode):
-    """Records the calls of the backward ops: their requires_grad flags and outputs."""
-
-    NAMES = ("prototype_kl_backward", "class_variation_loss_backward", "prototype_pool_backward")
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.__name__.split(".")[0] in self.NAMES:
-            self.calls.append((func.__name__.split(".")[0], args, out))
-        return out
-
-
 @pytest.mark.parametrize("device,backend", KL_BACKENDS)
 @pytest.mark.parametrize("wanted", range(4), ids=["student", "teacher", "student_protos", "teacher_protos"])
 def test_prototype_kl_one_gradient_requested(device, backend, wanted):
     inputs = kl_inputs((2, 3, 4, 5), 4, 4, (4, 5), torch.float32, "contiguous", device, True)
     tensors = [v.detach().requires_grad_(i == wanted) for i, v in enumerate(inputs[:4])]
     loss = kdops.prototype_kl(*tensors, inputs[4], backend=backend)
-    with BackwardCalls() as mode:
+    with OpCalls("prototype_kl_backward", "class_variation_loss_backward", "prototype_pool_backward") as mode:
         loss.backward()
-    ((_, args, grads),) = mode.calls
+    ((args, grads),) = mode.calls
     assert tuple(args[-4:]) == tuple(i == wanted for i in range(4))
     for i, grad in enumerate(grads):
         assert (grad.numel() > 0) == (i == wanted)
@@ -516,9 +499,9 @@ def test_class_variation_one_gradient_requested(device, backend, wanted):
     s = make_features((2, 3, 4, 5), torch.float32, "contiguous", device).requires_grad_(wanted == "student")
     t = make_features((2, 2, 4, 5), torch.float32, "contiguous", device, seed=1).requires_grad_(wanted == "teacher")
     loss = kdops.class_variation_loss(s, t, labels, 3, backend=backend)
-    with BackwardCalls() as mode:
+    with OpCalls("prototype_kl_backward", "class_variation_loss_backward", "prototype_pool_backward") as mode:
         loss.backward()
-    ((_, args, (grad_s, grad_t)),) = mode.calls
+    ((args, (grad_s, grad_t)),) = mode.calls
     assert tuple(args[-2:]) == (wanted == "student", wanted == "teacher")
     assert (grad_s.numel() > 0) == (wanted == "student") and (grad_t.numel() > 0) == (wanted == "teacher")
 

@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdops
 from kdops import backend as kd_backend
@@ -34,7 +33,7 @@ from tests.ops.resized_pixel_kl_cases import (
     resized_oracle,
     target_ignoring_readers_of,
 )
-from tests.utils import TOLERANCES, backend_params, make_layout, relative_error
+from tests.utils import TOLERANCES, OpCalls, backend_params, make_layout, relative_error
 
 BACKENDS = backend_params("pixel_kl")
 assert {p.id for p in BACKENDS} >= {"cpu-cpu", "cuda-cuda"}, "cpu and cuda must declare pixel_kl"
@@ -368,20 +367,6 @@ def test_num_valid(device, backend):
     assert int(num_valid) == 2 * 9 * 13
 
 
-class BackwardCalls(TorchDispatchMode):
-    """Records the resized_pixel_kl_backward calls: their requires_grad flags and outputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.__name__.split(".")[0] == "resized_pixel_kl_backward":
-            self.calls.append((args[-2], args[-1], out))
-        return out
-
-
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("wanted", ["student", "teacher"])
 @pytest.mark.parametrize("with_target", [False, True], ids=["no-target", "target"])
@@ -394,9 +379,10 @@ def test_one_gradient_requested(device, backend, wanted, with_target):
     t.requires_grad_(wanted == "teacher")
     loss = kdops.pixel_kl(s, t, 1.0, target, size=(9, 7), backend=backend)
     _, grad_s_ref, grad_t_ref = reference_loss_and_grads(s, t, 1.0, target, (9, 7), False)
-    with BackwardCalls() as mode:
+    with OpCalls("resized_pixel_kl_backward") as mode:
         loss.backward()
-    (student_flag, teacher_flag, (grad_s, grad_t)), = mode.calls
+    ((args, (grad_s, grad_t)),) = mode.calls
+    student_flag, teacher_flag = args[-2:]
     assert (student_flag, teacher_flag) == (wanted == "student", wanted == "teacher")
     unit = gradient_unit((9, 7), 2, 1.0, target)
     if wanted == "student":

@@ -11,12 +11,11 @@ import math
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdops
 from kdops import backend as kd_backend
 from kdops.reference import softmax_kl as ref
-from tests.utils import LAYOUTS, TOLERANCES, backend_params, make_layout, relative_error
+from tests.utils import LAYOUTS, TOLERANCES, OpCalls, backend_params, make_layout, relative_error
 
 CHANNEL_BACKENDS = backend_params("channel_kl")
 PIXEL_BACKENDS = backend_params("pixel_kl")
@@ -517,20 +516,6 @@ def test_pixel_kl_num_valid(device, backend):
     assert int(num_valid) == 2 * 5 * 7
 
 
-class BackwardCalls(TorchDispatchMode):
-    """Records the calls of the backward ops: their requires_grad flags and outputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.__name__.split(".")[0] in ("channel_kl_backward", "pixel_kl_backward"):
-            self.calls.append((args[-2], args[-1], out))
-        return out
-
-
 @pytest.mark.parametrize("device,backend", CHANNEL_BACKENDS)
 @pytest.mark.parametrize("op", ["channel_kl", "pixel_kl"])
 @pytest.mark.parametrize("wanted", ["student", "teacher"])
@@ -540,9 +525,10 @@ def test_one_gradient_requested(device, backend, op, wanted):
     t.requires_grad_(wanted == "teacher")
     loss = getattr(kdops, op)(s, t, 1.0, backend=backend)
     _, grad_s_ref, grad_t_ref = reference_loss_and_grads(op, s, t, 1.0)
-    with BackwardCalls() as mode:
+    with OpCalls("channel_kl_backward", "pixel_kl_backward") as mode:
         loss.backward()
-    (student_flag, teacher_flag, (grad_s, grad_t)), = mode.calls
+    ((args, (grad_s, grad_t)),) = mode.calls
+    student_flag, teacher_flag = args[-2:]
     assert (student_flag, teacher_flag) == (wanted == "student", wanted == "teacher")
     if wanted == "student":
         assert grad_t.numel() == 0 and t.grad is None
