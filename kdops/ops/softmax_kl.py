@@ -132,10 +132,7 @@ def check_op_pair(student: torch.Tensor, teacher: torch.Tensor, *, four_dims: bo
     if teacher.shape != student.shape:
         raise ValueError(f"teacher must have the shape of student ({list(student.shape)}), "
                          f"got {list(teacher.shape)}")
-    if teacher.dtype != student.dtype:
-        raise TypeError(f"teacher must have the dtype of student ({student.dtype}), got {teacher.dtype}")
-    if teacher.device != student.device:
-        raise ValueError(f"teacher must be on the device of student ({student.device}), got {teacher.device}")
+    _checks.same_dtype_and_device("student", student, "teacher", teacher)
     if student.numel() == 0:
         raise ValueError(f"student must not be empty, got shape {list(student.shape)}")
 
@@ -160,8 +157,7 @@ def check_op_target(target: torch.Tensor | None, student: torch.Tensor, size=Non
     if list(target.shape) != expected:
         where = "(N, *size)" if size is not None else "(N, *spatial of student)"
         raise ValueError(f"target must have shape {expected} {where}, got {list(target.shape)}")
-    if target.device != student.device:
-        raise ValueError(f"target must be on the device of student ({student.device}), got {target.device}")
+    _checks.same_device("student", student, "target", target)
 
 
 def check_op_grad_loss(grad_loss: torch.Tensor) -> None:

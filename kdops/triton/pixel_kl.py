@@ -27,7 +27,7 @@ from kdops.triton._launch import (
 )
 from kdops.triton.softmax_kl_rows import (
     _LN2, LOG2E, _kl_from_stats, _load_pixel_chunk, _pixel_chunk_stats, _pixel_stats,
-    _store_pixel_grads, _valid_pixels,
+    _store_kl_partials, _store_pixel_grads, _valid_pixels,
 )
 
 # Test hook: replaces launch heuristics (keys "pixel_block_p", "pixel_block_c") so small test
@@ -79,9 +79,7 @@ def _pixel_kl_forward_kernel(
         s_ptr, t_ptr, s_pixels, t_pixels, s_stride_c, t_stride_c, C, pixel_mask, log2e_over_tau,
         BLOCK_P, BLOCK_C,
     )
-    _, _, kl2 = _kl_from_stats(sum_s, sum_t, cross)
-    tl.store(kl_partials_ptr + pid, tl.sum(tl.where(valid, kl2, 0.0), 0) * _LN2)
-    tl.store(count_partials_ptr + pid, tl.sum(valid.to(tl.int32), 0))
+    _store_kl_partials(kl_partials_ptr, count_partials_ptr, pid, valid, sum_s, sum_t, cross)
 
 
 @triton.jit

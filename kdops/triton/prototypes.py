@@ -558,7 +558,6 @@ def _prototype_pool_backward(grad_protos, x, labels, counts, ignore_index, norma
     n, c, length = flat.shape
     rows = (grad_protos.float() / counts.clamp(min=1).unsqueeze(-1)).contiguous()
     grad = GradBuffer(x)
-    grad_flat = grad.flat
     label_args = _Labels(labels, x.shape[2], x.shape[3], num_classes, ignore_index)
     block_p, block_c = _launch("block_p", _BLOCK_P), _launch("block_c", _BLOCK_C)
     num_tiles = triton.cdiv(length, block_p)
@@ -566,14 +565,14 @@ def _prototype_pool_backward(grad_protos, x, labels, counts, ignore_index, norma
     with device_guard(x):
         if normalize_features:
             _gather_normalized_rows_kernel[(n * num_tiles,)](
-                rows, label_args.tensor, flat, grad_flat, c, length, label_args.width, num_classes,
-                num_tiles, group_stride, *flat.stride(), *grad_flat.stride(), *label_args.args,
+                rows, label_args.tensor, flat, grad.flat, c, length, label_args.width, num_classes,
+                num_tiles, group_stride, *flat.stride(), *grad.flat.stride(), *label_args.args,
                 BLOCK_C=block_c, BLOCK_P=block_p,
             )
         else:
             _gather_class_rows_kernel[(n * num_tiles, triton.cdiv(c, block_c))](
-                rows, label_args.tensor, grad_flat, c, length, label_args.width, num_classes,
-                num_tiles, group_stride, *grad_flat.stride(), *label_args.args,
+                rows, label_args.tensor, grad.flat, c, length, label_args.width, num_classes,
+                num_tiles, group_stride, *grad.flat.stride(), *label_args.args,
                 BLOCK_C=block_c, BLOCK_P=block_p,
             )
     return grad.finish()

@@ -59,7 +59,7 @@ from kdops.ops.softmax_kl import (
 from kdops.triton._launch import check_kernel_dtype, device_guard, gradient_like, new_buffer
 from kdops.triton.softmax_kl_rows import (
     LOG2E, _LN2, _empty_pixel_stats, _kl_from_stats, _kl_grads, _merged, _pixel_chunk_stats,
-    _valid_pixels,
+    _store_kl_partials, _valid_pixels,
 )
 
 # Test hook: replaces launch heuristics (keys "block_p", "block_c" of the forward tiles,
@@ -238,9 +238,7 @@ def _resized_pixel_kl_forward_kernel(
         weight_y[:, None], weight_x[:, None], s_anchor, t_anchor, s_stride_c, t_stride_c, C,
         pixel_mask, log2e_over_tau, BLOCK_P, BLOCK_C,
     )
-    _, _, kl2 = _kl_from_stats(sum_s, sum_t, cross)
-    tl.store(kl_partials_ptr + pid, tl.sum(tl.where(valid, kl2, 0.0), 0) * _LN2)
-    tl.store(count_partials_ptr + pid, tl.sum(valid.to(tl.int32), 0))
+    _store_kl_partials(kl_partials_ptr, count_partials_ptr, pid, valid, sum_s, sum_t, cross)
 
 
 @triton.jit

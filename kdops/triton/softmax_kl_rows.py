@@ -224,6 +224,15 @@ def _valid_pixels(target_ptr, target_offsets, pixel_mask, ignore_index, HAS_TARG
 
 
 @triton.jit
+def _store_kl_partials(kl_partials_ptr, count_partials_ptr, pid, valid, sum_s, sum_t, cross):
+    """A pixel program's Σ KL over its valid pixels (natural units) and their count, at pid. An
+    ignored pixel's KL (NaN included) is dropped by a select, never multiplied by 0."""
+    _, _, kl2 = _kl_from_stats(sum_s, sum_t, cross)
+    tl.store(kl_partials_ptr + pid, tl.sum(tl.where(valid, kl2, 0.0), 0) * _LN2)
+    tl.store(count_partials_ptr + pid, tl.sum(valid.to(tl.int32), 0))
+
+
+@triton.jit
 def _store_pixel_grads(
     grad_s_ptr, grad_t_ptr, gs_pixels, gt_pixels, gs_stride_c, gt_stride_c, channels, mask, valid,
     s, t, m_s, log2_zs, m_t, log2_zt, kl, coef, c,
